@@ -1,0 +1,438 @@
+"""The GPT-2 model, with nanoGPT's parameter names so checkpoints move freely between the two.
+
+Attention and layer norm have interchangeable implementations picked at run time, not stored in the
+checkpoint: attention `eager` (explicit masked softmax: what people write by hand), `sdpa`
+(F.scaled_dot_product_attention) or `triton` (our flash attention kernel); layer norm `torch` or
+`triton` (our fused kernel). `auto` takes the Triton kernels where they can run (CUDA, a supported shape
+and dtype) and PyTorch's otherwise.
+"""
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+ATTN_IMPLS = ("auto", "eager", "sdpa", "triton")
+LN_IMPLS = ("auto", "torch", "triton")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
+
+    @classmethod
+    def from_dict(cls, model_args: dict) -> "GPTConfig":
+        """Build from a checkpoint's model_args, ignoring keys this config does not know."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in model_args.items() if k in names})
+
+
+# -----------------------------------------------------------------------------
+# Run-time implementation choice
+
+
+def kernels_module():
+    """Import kernels/ on first use, so CPU-only users never need Triton."""
+    try:
+        import kernels
+    except ImportError as error:
+        raise RuntimeError(
+            f"the Triton kernels could not be imported ({error}); install triton (pip install triton) "
+            "or use attn_impl='sdpa' and ln_impl='torch'"
+        ) from error
+    return kernels
+
+
+def triton_can_run(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_triton_can_run(x: torch.Tensor, what: str, fallback: str) -> None:
+    if not triton_can_run(x):
+        raise RuntimeError(
+            f"{what}='triton' needs a CUDA GPU, but the model runs on {x.device.type}; use {what}='{fallback}' "
+            "(or 'auto'), or set TRITON_INTERPRET=1 before starting Python to run the kernels slowly in "
+            "Triton's interpreter (for testing)"
+        )
+
+
+def check_impl(name: str, value: str, valid: tuple[str, ...]) -> str:
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+    return value
+
+
+def resolve_attn_impl(attn_impl: str, q: torch.Tensor) -> str:
+    if attn_impl == "auto":
+        supported = q.is_cuda and kernels_module().flash_attention_supported(q.size(-1), q.dtype, q.device)
+        return "triton" if supported else "sdpa"
+    if attn_impl == "triton":
+        check_triton_can_run(q, "attn_impl", "sdpa")
+    return attn_impl
+
+
+def resolve_ln_impl(ln_impl: str, x: torch.Tensor) -> str:
+    if ln_impl == "auto":
+        return "triton" if x.is_cuda and kernels_module().layer_norm_supported(x.dtype, x.device) else "torch"
+    if ln_impl == "triton":
+        check_triton_can_run(x, "ln_impl", "torch")
+    return ln_impl
+
+
+def causal_mask(t_query: int, t_key: int, device: torch.device) -> torch.Tensor:
+    """Query i (the last t_query of t_key positions) may see keys up to its own position."""
+    return torch.ones(t_query, t_key, dtype=torch.bool, device=device).tril(diagonal=t_key - t_query)
+
+
+def attention(q, k, v, impl: str, dropout_p: float) -> torch.Tensor:
+    """Causal attention over (B, H, T, D) tensors. Keys may be longer than queries (a KV cache):
+    then the queries are the last positions."""
+    t_query, t_key = q.size(-2), k.size(-2)
+    impl = resolve_attn_impl(impl, q)
+    if impl == "triton" and t_query == t_key:
+        return kernels_module().flash_attention(q, k, v, causal=True, dropout_p=dropout_p)
+    if impl == "eager":
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        scores = scores.masked_fill(~causal_mask(t_query, t_key, q.device), float("-inf"))
+        probs = F.dropout(F.softmax(scores, dim=-1), p=dropout_p)
+        return probs @ v
+    # sdpa, and the triton impl's decoding steps: SDPA aligns is_causal to the top left, so a query block
+    # shorter than the keys gets an explicit mask, and a single query needs none.
+    if t_query == t_key:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    mask = None if t_query == 1 else causal_mask(t_query, t_key, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.impl = "auto"
+
+    def forward(self, x):
+        if resolve_ln_impl(self.impl, x) == "triton":
+            return kernels_module().layer_norm(x, self.weight, self.bias, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class LayerCache:
+    """One layer's keys and values for incremental decoding, allocated on first use with the dtype the
+    attention actually computes in (autocast's, under mixed precision)."""
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self.k: torch.Tensor | None = None  # (B, H, max_length, D)
+        self.v: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the keys and values of positions start.., return those of all positions so far."""
+        if self.k is None or self.k.shape[0] != k.shape[0] or self.k.dtype != k.dtype:
+            shape = (k.shape[0], k.shape[1], self.max_length, k.shape[3])
+            self.k = k.new_empty(shape)
+            self.v = v.new_empty(shape)
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far (generation only)."""
+
+    def __init__(self, config: GPTConfig):
+        self.layers = [LayerCache(config.block_size) for _ in range(config.n_layer)]
+        self.length = 0  # positions filled
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.impl = "auto"
+
+    def forward(self, x, cache: LayerCache | None = None, start: int = 0):
+        B, T, C = x.size()
+        # (B, T, 3, H, D) -> three (B, H, T, D) views; the Triton kernel reads the strides as they are
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.update(k, v, start)
+        dropout_p = self.dropout if self.training else 0.0
+        y = attention(q, k, v, self.impl, dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache: LayerCache | None = None, start: int = 0):
+        x = x + self.attn(self.ln_1(x), cache, start)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, attn_impl: str = "auto", ln_impl: str = "auto"):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and unembeds.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections: 0.02/sqrt(2 * n_layer)
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.set_impl(attn_impl, ln_impl)
+
+    def set_impl(self, attn_impl: str = "auto", ln_impl: str = "auto") -> None:
+        """Choose the attention and layer norm implementations (a run-time choice, not saved)."""
+        check_impl("attn_impl", attn_impl, ATTN_IMPLS)
+        check_impl("ln_impl", ln_impl, LN_IMPLS)
+        self.attn_impl, self.ln_impl = attn_impl, ln_impl
+        for module in self.modules():
+            if isinstance(module, CausalSelfAttention):
+                module.impl = attn_impl
+            elif isinstance(module, LayerNorm):
+                module.impl = ln_impl
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the position embeddings (the token embeddings are
+        counted once, as the tied lm_head)."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None):
+        """With targets: (logits for every position, mean cross-entropy ignoring targets of -1).
+        Without: (logits for the last position only, None): all that generation needs, and cheaper."""
+        device = idx.device
+        b, t = idx.size()
+        start = cache.length if cache is not None else 0
+        if start + t > self.config.block_size:
+            raise ValueError(
+                f"cannot forward a sequence of length {start + t}: block_size is {self.config.block_size}; "
+                "crop the input to the last block_size tokens"
+            )
+        pos = torch.arange(start, start + t, dtype=torch.long, device=device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache.layers[i] if cache is not None else None, start)
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.length = start + t
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            return logits, loss
+        return self.lm_head(x[:, [-1], :]), None  # the list index keeps the time dim
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context length, e.g. to finetune GPT-2 (1024) with a shorter block."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"can only crop block_size down: {block_size} > {self.config.block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type) -> torch.optim.AdamW:
+        """AdamW with weight decay on the matrices (2D+) only, not on biases and layer norm gains."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        # The fused kernel does the whole update in one launch; PyTorch has it on CUDA and (2.4+) CPU.
+        try:
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+        except (RuntimeError, TypeError):
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
+        cfg = self.config
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size
+
+    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float | None) -> float | None:
+        """Model FLOPs utilization: achieved FLOP/s over the device's peak (None when the peak is unknown)."""
+        if peak_flops is None or dt <= 0:
+            return None
+        flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
+        return flops_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield max_new_tokens next tokens (B, 1), one at a time, continuing idx (B, T).
+
+        Each token is conditioned on the last block_size tokens, as in nanoGPT. With the KV cache the prompt
+        is run once and then each step runs only the newest token. Once the sequence is longer than
+        block_size, every position's embedding shifts with the window, so the cache cannot be reused and
+        each step runs the whole window again: exactly what happens without the cache.
+        """
+        block_size = self.config.block_size
+        cache = KVCache(self.config) if use_cache else None
+        for _ in range(max_new_tokens):
+            if cache is not None and 0 < cache.length < block_size:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            else:
+                if cache is not None:
+                    cache.length = 0
+                logits, _ = self(idx[:, -block_size:], cache=cache)
+            idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+            yield idx_next
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, **kwargs):
+        """idx (B, T) followed by max_new_tokens sampled tokens; keyword arguments as generate_stream."""
+        new_tokens = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, **kwargs))
+        return torch.cat([idx, *new_tokens], dim=1)
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row of logits (B, V): greedy at temperature 0, else sampled from the softmax at that
+    temperature, restricted to the top_k most likely tokens and/or the smallest set whose probability
+    reaches top_p (nucleus sampling)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the ones ranked above it already reach top_p (the most likely always stays)
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints (nanoGPT's format)
+
+
+def clean_state_dict(state_dict: dict) -> dict:
+    """Make a saved state dict loadable: drop torch.compile's `_orig_mod.` prefix and the causal-mask
+    buffers (`.attn.bias`) that nanoGPT saves when it runs without flash attention."""
+    prefix = "_orig_mod."
+    cleaned = {}
+    for key, value in state_dict.items():
+        key = key[len(prefix) :] if key.startswith(prefix) else key
+        if key.endswith(".attn.bias") and value.dim() == 4:
+            continue
+        cleaned[key] = value
+    return cleaned
+
+
+def model_from_checkpoint(checkpoint: dict, attn_impl: str = "auto", ln_impl: str = "auto") -> GPT:
+    """A GPT with the weights of a checkpoint written by our train.py or nanoGPT's."""
+    for key in ("model", "model_args"):
+        if key not in checkpoint:
+            raise ValueError(f"not a nanoGPT/tritongpt checkpoint: the '{key}' entry is missing")
+    model = GPT(GPTConfig.from_dict(checkpoint["model_args"]), attn_impl, ln_impl)
+    model.load_state_dict(clean_state_dict(checkpoint["model"]))
+    return model
+
+
+# Dense bf16/fp16 tensor-core peaks in FLOP/s, by the name CUDA reports (first match wins, so the more
+# specific names come first). A GPU missing here gets no MFU rather than a wrong one.
+GPU_PEAK_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+)
+
+
+def gpu_peak_flops(device: str, dtype: str) -> float | None:
+    """The tensor-core peak of the GPU running this process, or None (CPU, fp32, or an unknown GPU)."""
+    if not device.startswith("cuda") or dtype not in ("bfloat16", "float16") or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key, peak in GPU_PEAK_FLOPS:
+        if key in name:
+            return peak
+    return None
