@@ -1,0 +1,185 @@
+"""The model: nanoGPT's names and conventions, its implementations agreeing, and generation."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from model import GPT, GPTConfig, clean_state_dict, model_from_checkpoint, sample_next_token
+
+TINY = GPTConfig(block_size=32, vocab_size=71, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
+
+
+def tiny_model(impl="sdpa", seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = GPTConfig(**{**TINY.__dict__, **overrides})
+    return GPT(config, attn_impl=impl, ln_impl="torch")
+
+
+def nanogpt_parameter_names(n_layer: int, bias: bool) -> set[str]:
+    """The state-dict keys of nanoGPT's model.py, spelled out independently of ours."""
+    names = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "lm_head.weight"}
+    layer = ["ln_1.weight", "attn.c_attn.weight", "attn.c_proj.weight", "ln_2.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"]
+    if bias:
+        names.add("transformer.ln_f.bias")
+        layer += ["ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"]
+    return names | {f"transformer.h.{i}.{name}" for i in range(n_layer) for name in layer}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_parameter_names_and_tying_match_nanogpt(bias):
+    model = tiny_model(bias=bias)
+    assert set(model.state_dict()) == nanogpt_parameter_names(TINY.n_layer, bias)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_loss_at_init_is_about_log_vocab():
+    model = tiny_model()
+    x = torch.randint(0, TINY.vocab_size, (8, TINY.block_size))
+    y = torch.randint(0, TINY.vocab_size, (8, TINY.block_size))
+    _, loss = model(x, y)
+    assert abs(loss.item() - math.log(TINY.vocab_size)) < 0.1
+
+
+def test_forward_conventions():
+    model = tiny_model()
+    x = torch.randint(0, TINY.vocab_size, (3, 10))
+    logits, loss = model(x)
+    assert logits.shape == (3, 1, TINY.vocab_size) and loss is None
+    targets = x.clone()
+    targets[:, :5] = -1  # ignored positions
+    full_logits, loss = model(x, targets)
+    assert full_logits.shape == (3, 10, TINY.vocab_size)
+    expected = torch.nn.functional.cross_entropy(full_logits[:, 5:].reshape(-1, TINY.vocab_size), x[:, 5:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(logits[:, 0], full_logits[:, -1])
+    with pytest.raises(ValueError, match="block_size is 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_tiny_model_overfits_one_batch():
+    model = tiny_model()
+    x = torch.randint(0, TINY.vocab_size, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
+    for _ in range(150):
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1
+
+
+@pytest.mark.parametrize("T", [1, 7, 32])
+def test_eager_and_sdpa_agree_forward_and_backward(T):
+    x = torch.randint(0, TINY.vocab_size, (2, T))
+    results = {}
+    for impl in ("eager", "sdpa"):
+        model = tiny_model(impl).double()
+        logits, loss = model(x, x)
+        loss.backward()
+        results[impl] = (logits, {n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(results["eager"][0], results["sdpa"][0])
+    for name, grad in results["eager"][1].items():
+        torch.testing.assert_close(grad, results["sdpa"][1][name], msg=name)
+
+
+def test_optimizer_groups_decay_only_matrices():
+    model = tiny_model()
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+def test_crop_block_size():
+    model = tiny_model()
+    model.crop_block_size(8)
+    assert model.config.block_size == 8 and model.transformer.wpe.weight.shape == (8, TINY.n_embd)
+    model(torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="crop block_size down"):
+        model.crop_block_size(16)
+
+
+def test_mfu_is_none_without_a_known_peak():
+    model = tiny_model()
+    assert model.estimate_mfu(4, 0.1, None) is None
+    mfu = model.estimate_mfu(4, 1.0, 1e12)
+    assert mfu == pytest.approx(model.flops_per_token() * TINY.block_size * 4 / 1e12)
+
+
+def test_invalid_impl_names():
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        tiny_model("flash")
+    with pytest.raises(ValueError, match="ln_impl must be one of"):
+        tiny_model().set_impl("sdpa", "fused")
+
+
+def test_triton_without_gpu_or_interpreter_is_a_clear_error():
+    code = (
+        "import torch; from model import GPT, GPTConfig\n"
+        "m = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=32), attn_impl='triton')\n"
+        "m(torch.zeros(1, 4, dtype=torch.long))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the model runs on CPU here only by choice")
+    assert out.returncode != 0
+    assert "attn_impl='triton' needs a CUDA GPU" in out.stderr and "attn_impl='sdpa'" in out.stderr
+
+
+def test_checkpoint_round_trip_strips_compile_prefix_and_mask_buffers():
+    model = tiny_model()
+    state = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    state["_orig_mod.transformer.h.0.attn.bias"] = torch.ones(1, 1, 32, 32).tril()  # nanoGPT without flash
+    checkpoint = {"model": state, "model_args": {**TINY.__dict__, "unknown_future_key": 1}}
+    loaded = model_from_checkpoint(checkpoint, attn_impl="eager", ln_impl="torch")
+    x = torch.randint(0, TINY.vocab_size, (2, 9))
+    torch.testing.assert_close(loaded(x)[0], model(x)[0])
+    assert set(clean_state_dict(state)) == set(model.state_dict())
+    with pytest.raises(ValueError, match="'model_args' entry is missing"):
+        model_from_checkpoint({"model": state})
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("prompt_len,new_tokens", [(1, 10), (5, 60), (32, 5)])
+def test_kv_cache_greedy_matches_no_cache(impl, prompt_len, new_tokens):
+    """Token-identical, including past block_size (32) where the window slides."""
+    model = tiny_model(impl).eval()
+    prompt = torch.randint(0, TINY.vocab_size, (3, prompt_len))
+    with_cache = model.generate(prompt, new_tokens, temperature=0, use_cache=True)
+    without = model.generate(prompt, new_tokens, temperature=0, use_cache=False)
+    assert torch.equal(with_cache, without)
+    assert with_cache.shape == (3, prompt_len + new_tokens)
+
+
+def test_kv_cache_logits_match_full_forward():
+    model = tiny_model().eval()
+    x = torch.randint(0, TINY.vocab_size, (2, 20))
+    full_logits, _ = model(x, x)
+    from model import KVCache
+
+    cache = KVCache(model.config)
+    model(x[:, :12], cache=cache)
+    for t in range(12, 20):
+        step_logits, _ = model(x[:, t : t + 1], cache=cache)
+        torch.testing.assert_close(step_logits[:, 0], full_logits[:, t], atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, -1)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next_token(logits, 0.0), torch.zeros(4000, 1, dtype=torch.long))
+    top_k = sample_next_token(logits, 1.0, top_k=2, generator=gen)
+    assert set(top_k.unique().tolist()) == {0, 1}
+    top_p = sample_next_token(logits, 1.0, top_p=0.8, generator=gen)  # 0.5 + 0.3 reaches 0.8
+    assert set(top_p.unique().tolist()) == {0, 1}
+    assert (top_p == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.04)
+    tiny_p = sample_next_token(logits, 1.0, top_p=0.01, generator=gen)
+    assert set(tiny_p.unique().tolist()) == {0}
+    everything = sample_next_token(logits, 1.0, generator=gen)
+    assert set(everything.unique().tolist()) == {0, 1, 2, 3}
