@@ -1,0 +1,320 @@
+"""LayerNorm over the last dimension, as Triton kernels.
+
+    y = (x - mean) / sqrt(var + eps) * weight + bias
+
+Forward: one program per row. When the row fits in one block (the usual GPT widths) it is loaded
+once and kept in registers; wider rows are streamed in chunks, three passes (mean, centred
+variance, output), since a whole very wide row would not fit in registers. Statistics are always
+fp32, whatever the input dtype, and mean and 1/std are saved for the backward pass.
+(Under TRITON_INTERPRET=1, on CPU, the interpreter converts fp32 to bf16 by truncation, so bf16
+outputs there can be a whole ulp off; a GPU rounds to nearest.)
+
+Backward, for one row with xhat = (x - mean) * rstd and g = dy * weight:
+
+    dx = rstd * (g - mean(g * xhat) * xhat - mean(g))
+    dweight = sum over rows of dy * xhat,   dbias = sum over rows of dy
+
+dx is per row, but dweight and dbias are sums over all rows. Rather than every row adding into
+one shared vector (atomics or locks: a serialized bottleneck), each program takes a contiguous
+group of rows, accumulates its own fp32 partial sums and writes them to a (groups, N) buffer that
+torch then sums over groups. Rows too wide for one block first get their two row means in a
+separate pass, after which a (groups, column chunks) grid computes dx and the partial sums.
+"""
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Triton decides at import time whether kernels run compiled or in its interpreter; read the same
+# switch, with the same spellings, so the wrapper knows whether CPU tensors can work.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+# Widest row held in registers by one program. The backward keeps about five row-sized fp32
+# vectors live (x, dy, weight and the two partial sums), so it gets a smaller cap than the forward.
+_FWD_MAX_BLOCK_N = 16384
+_BWD_MAX_BLOCK_N = 8192
+
+
+@triton.jit
+def _fwd_kernel(X, W, B, Y, Mean, Rstd, stride_x, stride_y, N, eps,
+                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride can pass 2**31 for big activations
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / N
+    # Padding lanes must not add (0 - mean)**2 to the variance.
+    xc = tl.where(mask, x - mean, 0.0)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / N + eps)
+    y = xc * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _fwd_chunked_kernel(X, W, B, Y, Mean, Rstd, stride_x, stride_y, N, eps,
+                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    y_row = Y + row * stride_y
+    # Per-lane accumulators, reduced once at the end: fewer cross-thread reductions and a more
+    # accurate sum than adding each chunk's total into one scalar.
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        acc += tl.load(x_row + cols, mask=cols < N, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=0) / N
+    # A second pass for the centred variance avoids the cancellation of E[x^2] - E[x]^2.
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        xc = tl.where(mask, x - mean, 0.0)
+        acc += xc * xc
+    rstd = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean) * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _bwd_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial,
+                stride_x, stride_dy, stride_dx, M, N, rows_per_program,
+                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    group = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = group.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for row in range(row_start, row_end):
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + row)
+        # Padding lanes load dy = 0, which zeroes their share of every sum below.
+        xhat = (x - tl.load(Mean + row)) * rstd
+        g = dy * w
+        c1 = tl.sum(g * xhat, axis=0) / N
+        c2 = tl.sum(g, axis=0) / N
+        dx = (g - (xhat * c1 + c2)) * rstd
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+        db += dy
+    partial = group.to(tl.int64) * N + cols
+    tl.store(DW_partial + partial, dw, mask=mask)
+    if HAS_BIAS:
+        tl.store(DB_partial + partial, db, mask=mask)
+
+
+@triton.jit
+def _bwd_row_means_kernel(X, W, DY, Mean, Rstd, C1, C2, stride_x, stride_dy, N,
+                          BLOCK_N: tl.constexpr):
+    # Wide rows only: the row means of g * xhat and g, which every column chunk of dx needs.
+    row = tl.program_id(0).to(tl.int64)
+    mean = tl.load(Mean + row)
+    rstd = tl.load(Rstd + row)
+    acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        acc1 += g * (x - mean) * rstd  # g = 0 on padding lanes
+        acc2 += g
+    tl.store(C1 + row, tl.sum(acc1, axis=0) / N)
+    tl.store(C2 + row, tl.sum(acc2, axis=0) / N)
+
+
+@triton.jit
+def _bwd_chunked_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_partial,
+                        stride_x, stride_dy, stride_dx, M, N, rows_per_program,
+                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    group = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = group.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for row in range(row_start, row_end):
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + row)
+        xhat = (x - tl.load(Mean + row)) * rstd
+        dx = (dy * w - (xhat * tl.load(C1 + row) + tl.load(C2 + row))) * rstd
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+        db += dy
+    partial = group.to(tl.int64) * N + cols
+    tl.store(DW_partial + partial, dw, mask=mask)
+    if HAS_BIAS:
+        tl.store(DB_partial + partial, db, mask=mask)
+
+
+def _block_config(n, max_block):
+    block = min(triton.next_power_of_2(n), max_block)
+    # About 8 to 16 elements per thread: enough work per thread, few enough registers.
+    num_warps = min(max(block // 256, 1), 16)
+    return block, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _row_groups(m, device):
+    """(groups, rows per group) for the backward's partial dweight/dbias sums."""
+    # A few programs per SM keeps the GPU busy while the (groups, N) buffer stays small. The
+    # interpreter runs programs one after another, so there more groups only cost time.
+    target = 4 * _sm_count(device.index or 0) if device.type == "cuda" else 4
+    rows_per_group = triton.cdiv(m, min(m, target))
+    return triton.cdiv(m, rows_per_group), rows_per_group
+
+
+def _forward(x, weight, bias, eps):
+    m, n = x.shape
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    block, num_warps = _block_config(n, _FWD_MAX_BLOCK_N)
+    kernel = _fwd_kernel if block >= n else _fwd_chunked_kernel
+    # Without a bias the B argument is never read; weight just fills the pointer slot.
+    kernel[(m,)](x, weight, weight if bias is None else bias, y, mean, rstd,
+                 x.stride(0), y.stride(0), n, eps,
+                 HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=num_warps)
+    return y, mean, rstd
+
+
+def _backward(dy, x, weight, mean, rstd, has_bias):
+    """dx in x's dtype; dweight and dbias as fp32 sums, for the caller to cast."""
+    m, n = x.shape
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    groups, rows_per_group = _row_groups(m, x.device)
+    dw_partial = torch.empty(groups, n, dtype=torch.float32, device=x.device)
+    db_partial = torch.empty_like(dw_partial) if has_bias else dw_partial
+    block, num_warps = _block_config(n, _BWD_MAX_BLOCK_N)
+    if block >= n:
+        _bwd_kernel[(groups,)](
+            x, weight, dy, dx, mean, rstd, dw_partial, db_partial,
+            x.stride(0), dy.stride(0), dx.stride(0), m, n, rows_per_group,
+            HAS_BIAS=has_bias, BLOCK_N=block, num_warps=num_warps)
+    else:
+        c1 = torch.empty(m, dtype=torch.float32, device=x.device)
+        c2 = torch.empty(m, dtype=torch.float32, device=x.device)
+        _bwd_row_means_kernel[(m,)](x, weight, dy, mean, rstd, c1, c2,
+                                    x.stride(0), dy.stride(0), n,
+                                    BLOCK_N=block, num_warps=num_warps)
+        _bwd_chunked_kernel[(groups, triton.cdiv(n, block))](
+            x, weight, dy, dx, mean, rstd, c1, c2, dw_partial, db_partial,
+            x.stride(0), dy.stride(0), dx.stride(0), m, n, rows_per_group,
+            HAS_BIAS=has_bias, BLOCK_N=block, num_warps=num_warps)
+    return dx, dw_partial.sum(0), db_partial.sum(0) if has_bias else None
+
+
+def _as_rows(t, m, n):
+    """t as an (m, n) matrix the kernels can address: unit column stride, any row stride."""
+    t2 = t.reshape(m, n)  # a view whenever the layout allows, so contiguous inputs are not copied
+    return t2 if t2.stride(1) == 1 else t2.contiguous()
+
+
+class _LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        n = x.shape[-1]
+        m = math.prod(x.shape[:-1])
+        x2 = _as_rows(x, m, n)
+        if x2.numel() == 0:
+            y = x2.new_empty(m, n)
+            mean = rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+        else:
+            y, mean, rstd = _forward(x2, weight, bias, eps)
+        ctx.save_for_backward(x2, weight, bias, mean, rstd)
+        ctx.shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x2, weight, bias, mean, rstd = ctx.saved_tensors
+        m, n = x2.shape
+        if x2.numel() == 0:
+            dx = x2.new_empty(m, n)
+            dweight = torch.zeros_like(weight)
+            dbias = None if bias is None else torch.zeros_like(bias)
+        else:
+            dx, dweight, dbias = _backward(_as_rows(dy, m, n), x2, weight, mean, rstd,
+                                           has_bias=bias is not None)
+            dweight = dweight.to(weight.dtype)
+            dbias = None if bias is None else dbias.to(bias.dtype)
+        return dx.view(ctx.shape), dweight, dbias, None
+
+
+def _check_inputs(x, weight, bias):
+    if x.dim() == 0:
+        raise ValueError("layer_norm: x is a 0-d tensor; give it at least one dimension to "
+                         "normalize over")
+    n = x.shape[-1]
+    if weight is None:
+        raise ValueError(f"layer_norm: weight is required; pass torch.ones({n}) to only normalize")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype not in SUPPORTED_DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+            raise ValueError(f"layer_norm: {name} has dtype {t.dtype}, which is not supported; "
+                             f"cast it to one of {names}")
+        if name != "x" and tuple(t.shape) != (n,):
+            raise ValueError(f"layer_norm: {name} has shape {tuple(t.shape)} but x's last "
+                             f"dimension is {n}; pass a {name} of shape ({n},)")
+        if t.device != x.device:
+            raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {x.device}; "
+                             "move them to the same device")
+    if x.device.type != "cuda" and not _INTERPRET:
+        raise ValueError("Triton kernels need a CUDA GPU; on CPU set TRITON_INTERPRET=1 before "
+                         "importing triton (slow, for testing) or use ln_impl='torch'")
+
+
+def layer_norm(x, weight, bias=None, eps=1e-5):
+    """LayerNorm of x over its last dimension, N = x.shape[-1]; weight and bias have shape (N,).
+
+    bias=None means no bias (nanoGPT's bias=False). Output has x's dtype; statistics are fp32;
+    gradients for weight and bias come back in their own dtypes.
+    """
+    _check_inputs(x, weight, bias)
+    return _LayerNormFunction.apply(x, weight, bias, float(eps))
+
+
+def layer_norm_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether layer_norm runs compiled (not interpreted) for this dtype and device."""
+    return torch.device(device).type == "cuda" and dtype in SUPPORTED_DTYPES
+
+
+def layer_norm_reference(x, weight, bias=None, eps=1e-5):
+    """Plain PyTorch LayerNorm with the statistics written out, computed in x's dtype."""
+    mean = x.mean(dim=-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps) * weight
+    return y if bias is None else y + bias
