@@ -1,0 +1,280 @@
+"""Token files on disk and the training batch loader.
+
+A dataset is a directory, data/<name>, holding its tokens in one of two formats:
+
+- nanoGPT: train.bin and val.bin, raw uint16 token ids with no header, plus meta.pkl
+  ({'vocab_size', 'itos', 'stoi'}) when the vocabulary is characters rather than GPT-2 BPE.
+- llm.c / modded-nanogpt shards: *_train_*.bin and *_val_*.bin, each a header of 256 int32
+  (magic 20240520, version 1, token count, the rest zero) followed by the uint16 tokens.
+  A split may span many shards; they are read in name order.
+
+TokenSplit samples training windows from either, the way nanoGPT does: a fresh np.memmap per
+batch, random offsets drawn from a torch.Generator the caller owns.
+"""
+import os
+import pickle
+import secrets
+import shlex
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+import torch
+
+TOKEN_DTYPE = np.uint16
+MAX_TOKEN_ID = np.iinfo(TOKEN_DTYPE).max
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * np.dtype(np.int32).itemsize
+# The token count lives in an int32 header slot.
+MAX_SHARD_TOKENS = np.iinfo(np.int32).max
+# Start-up vocabulary check: files up to this many tokens are scanned in full, larger ones on
+# VOCAB_CHECK_CHUNKS evenly spaced chunks adding up to the same amount, so the check costs about
+# the same 32 MB of reads for a 20 GB file as for a 32 MB one.
+VOCAB_CHECK_FULL_TOKENS = 1 << 24
+VOCAB_CHECK_CHUNKS = 64
+
+
+def prepare_command(dataset: str) -> str:
+    """The command that creates data/<dataset>."""
+    if dataset == "shakespeare_char":
+        return "python prepare/shakespeare_char.py"
+    if dataset == "shakespeare":
+        return "python prepare/shakespeare.py"
+    if dataset in ("fineweb", "fineweb_edu"):
+        return f"python prepare/fineweb.py --dataset {dataset}"
+    return f"python prepare/text.py --name {shlex.quote(dataset)} --input 'your/*.txt'"
+
+
+@contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """Open a temp file next to `path` for binary writing; it replaces `path` only once the block
+    finishes without error, so a crash or Ctrl-C never leaves a half-written file under the real name.
+    The temp name ends in .tmp, so the loader's *.bin globs never pick it up."""
+    path = Path(path)
+    # Not tempfile.mkstemp: its files are private (0600); this one gets the usual umask permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _as_tokens(tokens, what: str) -> np.ndarray:
+    """`tokens` as a uint16 array, refusing anything that would wrap around silently."""
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"{what}: tokens must be a 1-D sequence, got shape {arr.shape}")
+    if arr.size == 0:
+        return arr.astype(TOKEN_DTYPE)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{what}: token ids must be integers, got dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi > MAX_TOKEN_ID:
+        raise ValueError(
+            f"{what}: token ids must be in [0, {MAX_TOKEN_ID}] to fit uint16, got min {lo} and max {hi}; "
+            "a vocabulary this large needs a different token format"
+        )
+    return arr.astype(TOKEN_DTYPE, copy=False)
+
+
+def write_tokens(path: str | Path, tokens) -> None:
+    """Write nanoGPT's raw format: the uint16 ids and nothing else (what np.ndarray.tofile writes)."""
+    arr = _as_tokens(tokens, str(path))
+    with atomic_open(path) as f:
+        f.write(arr.tobytes())
+
+
+def write_shard(path: str | Path, tokens) -> None:
+    """Write an llm.c shard: the 256-int32 header, then the uint16 ids."""
+    arr = _as_tokens(tokens, str(path))
+    if arr.size > MAX_SHARD_TOKENS:
+        raise ValueError(f"{path}: {arr.size:,} tokens is more than a shard header can count ({MAX_SHARD_TOKENS:,})")
+    header = np.zeros(SHARD_HEADER_INTS, dtype=np.int32)
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, arr.size
+    with atomic_open(path) as f:
+        f.write(header.tobytes())
+        f.write(arr.tobytes())
+
+
+def read_shard_header(path: str | Path) -> int:
+    """Check a shard's header against its file size and return its token count."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes is too small for the {SHARD_HEADER_BYTES}-byte shard header; "
+                         "the file is truncated, delete it and re-create it")
+    header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER_INTS)
+    magic, version, num_tokens = (int(v) for v in header[:3])
+    if magic != SHARD_MAGIC:
+        raise ValueError(
+            f"{path}: bad magic number {magic} (an llm.c shard starts with {SHARD_MAGIC}). If this is a raw "
+            "nanoGPT token file, name it train.bin or val.bin; shard names (*_train_*.bin, *_val_*.bin) "
+            "are for files with the shard header"
+        )
+    if version != SHARD_VERSION:
+        raise ValueError(f"{path}: shard version {version} is not supported (expected {SHARD_VERSION}: uint16 tokens)")
+    expected = SHARD_HEADER_BYTES + num_tokens * np.dtype(TOKEN_DTYPE).itemsize
+    if num_tokens < 0 or size != expected:
+        raise ValueError(
+            f"{path}: header says {num_tokens:,} tokens, which is a {expected:,}-byte file, but the file has "
+            f"{size:,} bytes; it is truncated or corrupt, delete it and re-create it"
+        )
+    return num_tokens
+
+
+def raw_token_count(path: str | Path) -> int:
+    """The number of tokens in a raw nanoGPT file, which must be whole uint16s."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size % np.dtype(TOKEN_DTYPE).itemsize:
+        raise ValueError(f"{path}: {size:,} bytes is an odd size for uint16 tokens; the file is truncated or "
+                         "not a token file, delete it and re-create it")
+    return size // np.dtype(TOKEN_DTYPE).itemsize
+
+
+def write_meta(path: str | Path, meta: dict) -> None:
+    """Pickle a char dataset's meta.pkl exactly as nanoGPT does (default protocol)."""
+    with atomic_open(path) as f:
+        pickle.dump(meta, f)
+
+
+def load_meta(data_dir: str | Path) -> dict | None:
+    """meta.pkl's contents (vocab_size, itos, stoi), or None for datasets without one (GPT-2 BPE)."""
+    path = Path(data_dir) / "meta.pkl"
+    if not path.exists():
+        return None
+    fix = f"delete it and re-create the dataset with `{prepare_command(Path(data_dir).name)}`"
+    try:
+        with open(path, "rb") as f:
+            meta = pickle.load(f)
+    # Unpickling garbage can fail with almost any exception type, all meaning the same thing here.
+    except Exception as e:
+        raise ValueError(f"{path} is corrupt ({type(e).__name__}: {e}); {fix}") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
+        raise ValueError(f"{path} is not a dataset meta file (expected a dict with an int 'vocab_size'); {fix}")
+    return meta
+
+
+def _first_id_out_of_range(tokens: np.ndarray, vocab_size: int) -> tuple[int, int] | None:
+    """(position, id) of the first id >= vocab_size in `tokens`, or None."""
+    if tokens.size == 0 or int(tokens.max()) < vocab_size:
+        return None
+    pos = int(np.argmax(tokens >= vocab_size))
+    return pos, int(tokens[pos])
+
+
+class TokenSplit:
+    """One split (train or val) of a dataset directory, in either format, sampled as nanoGPT does."""
+
+    def __init__(self, data_dir: str | Path, split: str, dataset: str | None = None, vocab_size: int | None = None):
+        self.data_dir = Path(data_dir)
+        self.split = split
+        self.dataset = dataset if dataset is not None else self.data_dir.name
+        self.vocab_size = vocab_size
+        self.paths, self.offset = self._find_files()
+        self.counts = np.array([self._count(p) for p in self.paths], dtype=np.int64)
+        self.num_tokens = int(self.counts.sum())
+        if vocab_size is not None:
+            for i in range(len(self.paths)):
+                self._check_vocab(i)
+
+    def _create_hint(self) -> str:
+        cmd = prepare_command(self.dataset)
+        if self.data_dir != Path("data") / self.dataset:
+            cmd += f" --data_dir {shlex.quote(str(self.data_dir))}"
+        return f"Create it with: {cmd}"
+
+    def _find_files(self) -> tuple[list[Path], int]:
+        """The split's files and the byte offset of the tokens in each."""
+        if not self.data_dir.is_dir():
+            raise FileNotFoundError(f"Dataset directory {self.data_dir} does not exist. {self._create_hint()}")
+        raw = self.data_dir / f"{self.split}.bin"
+        shards = sorted(self.data_dir.glob(f"*_{self.split}_*.bin"))
+        if raw.exists() and shards:
+            raise ValueError(
+                f"{self.data_dir} holds both {raw.name} and {len(shards)} shard(s) like {shards[0].name} for the "
+                f"{self.split} split; a dataset directory must hold one format, move one of them elsewhere"
+            )
+        if raw.exists():
+            return [raw], 0
+        if shards:
+            return shards, SHARD_HEADER_BYTES
+        raise FileNotFoundError(
+            f"{self.data_dir} has no {self.split} data (looked for {raw.name} and *_{self.split}_*.bin shards). "
+            f"{self._create_hint()}"
+        )
+
+    def _count(self, path: Path) -> int:
+        return raw_token_count(path) if self.offset == 0 else read_shard_header(path)
+
+    def _memmap(self, i: int) -> np.memmap:
+        return np.memmap(self.paths[i], dtype=TOKEN_DTYPE, mode="r", offset=self.offset, shape=(int(self.counts[i]),))
+
+    def _vocab_error(self, path: Path, pos: int, token: int) -> ValueError:
+        return ValueError(
+            f"{path}: token id {token} at position {pos:,} is >= vocab_size {self.vocab_size}; the data was "
+            f"tokenized with a different vocabulary than the model's. Re-create it ({prepare_command(self.dataset)}) "
+            "or use a vocab_size that covers it"
+        )
+
+    def _check_vocab(self, i: int) -> None:
+        count = int(self.counts[i])
+        if count == 0:
+            return
+        tokens = self._memmap(i)
+        if count <= VOCAB_CHECK_FULL_TOKENS:
+            starts, chunk = [0], count
+        else:
+            chunk = VOCAB_CHECK_FULL_TOKENS // VOCAB_CHECK_CHUNKS
+            starts = np.linspace(0, count - chunk, VOCAB_CHECK_CHUNKS, dtype=np.int64).tolist()
+        for start in starts:
+            bad = _first_id_out_of_range(np.asarray(tokens[start:start + chunk]), self.vocab_size)
+            if bad is not None:
+                raise self._vocab_error(self.paths[i], start + bad[0], bad[1])
+
+    def get_batch(self, batch_size: int, block_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: int64 CPU tensors of shape (batch_size, block_size), y being x shifted one token ahead.
+
+        Windows never cross a file boundary. Each file gets a share of the batch proportional to its
+        number of windows (tokens - block_size): with a single file this draws the very same offsets as
+        nanoGPT's torch.randint(len(data) - block_size, (batch_size,)). All randomness comes from
+        `generator`, so saving its state is enough for an exact resume.
+        """
+        if batch_size < 1 or block_size < 1:
+            raise ValueError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
+        if generator.device.type != "cpu":
+            raise ValueError(f"get_batch needs a CPU torch.Generator, got one on {generator.device}")
+        windows = np.maximum(self.counts - block_size, 0)
+        if windows.sum() == 0:
+            raise ValueError(
+                f"The {self.split} split in {self.data_dir} is too small for block_size={block_size}: a window needs "
+                f"block_size+1 = {block_size + 1:,} tokens from one file, but the split has {self.num_tokens:,} tokens"
+                f" and its largest file {int(self.counts.max()):,}. Use a smaller block_size or more data"
+            )
+        ix = torch.randint(int(windows.sum()), (batch_size,), generator=generator).numpy()
+        ends = np.cumsum(windows)
+        # side="right" skips files with no windows: their end equals the previous file's end.
+        file_ix = np.searchsorted(ends, ix, side="right")
+        starts = ix - (ends[file_ix] - windows[file_ix])
+        rows = np.empty((batch_size, block_size + 1), dtype=np.int64)
+        # A fresh memmap per batch, as in nanoGPT: a long-lived one keeps every page it ever touched
+        # mapped, and resident memory creeps up over millions of steps.
+        for i in np.unique(file_ix):
+            tokens = self._memmap(int(i))
+            for row in np.flatnonzero(file_ix == i):
+                rows[row] = tokens[starts[row]:starts[row] + block_size + 1]
+        if self.vocab_size is not None and int(rows.max()) >= self.vocab_size:
+            row = int(np.argmax(rows.max(axis=1) >= self.vocab_size))
+            pos, token = _first_id_out_of_range(rows[row], self.vocab_size)
+            raise self._vocab_error(self.paths[file_ix[row]], int(starts[row]) + pos, token)
+        x = torch.from_numpy(rows[:, :-1].copy())
+        y = torch.from_numpy(rows[:, 1:].copy())
+        return x, y

@@ -1,0 +1,269 @@
+"""prepare/: downloads against a local HTTP server, and the dataset scripts run as real subprocesses."""
+import hashlib
+import io
+import os
+import pickle
+import re
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prepare import common
+
+REPO = Path(__file__).resolve().parent.parent
+MIRROR = Path(os.environ.get(common.MIRROR_ENV, "/nonexistent"))
+SHAKESPEARE = MIRROR / "tinyshakespeare" / "input.txt"
+needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs the offline tinyshakespeare copy")
+
+
+class LocalServer:
+    """A static file server on 127.0.0.1 with HTTP Range support and switches for failure modes."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.drop_after: dict[str, int] = {}  # path -> bytes sent before the first response is cut off
+        self.fail_once: dict[str, int] = {}  # path -> HTTP status answered to the first request
+        self.ignore_range = False
+        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        state = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                state.requests.append((self.path, self.headers.get("Range")))
+                body = state.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                if self.path in state.fail_once:
+                    self.send_error(state.fail_once.pop(self.path))
+                    return
+                start = 0
+                range_header = self.headers.get("Range")
+                if range_header and not state.ignore_range:
+                    start = int(re.fullmatch(r"bytes=(\d+)-", range_header).group(1))
+                    if start >= len(body):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                # HTTP/1.0: the connection closes after this, so a short write reaches the client as a cut.
+                self.wfile.write(body[start:start + state.drop_after.pop(self.path, len(body))])
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = LocalServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def no_sleep(monkeypatch):
+    """Retries back off with time.sleep; record the waits instead of waiting."""
+    waits = []
+    monkeypatch.setattr(common.time, "sleep", waits.append)
+    return waits
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/input.txt"
+
+
+def run_script(name: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run prepare/<name>.py as a user would, from `cwd`."""
+    return subprocess.run([sys.executable, str(REPO / "prepare" / f"{name}.py"), *args], cwd=cwd,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
+
+
+def sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+# --- download ---
+
+def test_download_full_file(server, tmp_path):
+    body = os.urandom(300_000)
+    server.files["/a/file.bin"] = body
+    dest = common.download(server.url + "/a/file.bin", tmp_path / "sub" / "file.bin", sha(body), len(body))
+    assert dest.read_bytes() == body
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["file.bin"]
+    # Already there and verified: no second request.
+    common.download(server.url + "/a/file.bin", dest, sha(body), len(body))
+    assert len(server.requests) == 1
+
+
+def test_download_resumes_a_cut_connection(server, tmp_path, no_sleep):
+    body = os.urandom(1_000_000)
+    server.files["/big.bin"] = body
+    server.drop_after["/big.bin"] = 300_000
+    dest = common.download(server.url + "/big.bin", tmp_path / "big.bin", sha(body), len(body), chunk_size=8192)
+    assert dest.read_bytes() == body
+    (_, first), (_, second) = server.requests
+    assert first is None
+    resumed_at = int(re.fullmatch(r"bytes=(\d+)-", second).group(1))
+    assert 0 < resumed_at <= 300_000
+    assert not (tmp_path / "big.bin.part").exists()
+
+
+def test_download_resumes_a_part_file_from_an_earlier_run(server, tmp_path):
+    body = os.urandom(50_000)
+    server.files["/f"] = body
+    (tmp_path / "f.part").write_bytes(body[:12_345])
+    assert common.download(server.url + "/f", tmp_path / "f", sha(body)).read_bytes() == body
+    assert server.requests == [("/f", "bytes=12345-")]
+
+
+def test_download_restarts_when_the_server_ignores_range(server, tmp_path):
+    body = os.urandom(50_000)
+    server.files["/f"] = body
+    server.ignore_range = True
+    (tmp_path / "f.part").write_bytes(b"x" * 20_000)
+    assert common.download(server.url + "/f", tmp_path / "f", sha(body)).read_bytes() == body
+
+
+def test_download_retries_server_errors_with_backoff(server, tmp_path, no_sleep):
+    server.files["/f"] = b"hello"
+    server.fail_once["/f"] = 503
+    assert common.download(server.url + "/f", tmp_path / "f", backoff=2.0).read_bytes() == b"hello"
+    assert no_sleep == [2.0]
+
+
+def test_download_corrupt_file_is_caught_and_deleted(server, tmp_path):
+    server.files["/f"] = b"not what we wanted"
+    with pytest.raises(common.PrepareError, match=r"corrupt: its sha256 is [0-9a-f]{64}, expected 0{64}"):
+        common.download(server.url + "/f", tmp_path / "f", "0" * 64)
+    with pytest.raises(common.PrepareError, match="it has 18 bytes, expected 17"):
+        common.download(server.url + "/f", tmp_path / "f", size=17)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_http_error_is_not_retried(server, tmp_path):
+    with pytest.raises(common.PrepareError, match=r"HTTP 404.*by hand to"):
+        common.download(server.url + "/missing", tmp_path / "f")
+    assert len(server.requests) == 1
+
+
+def test_existing_file_is_verified_not_downloaded(tmp_path):
+    (tmp_path / "f").write_bytes(b"abc")
+    # The URL is unreachable, so any download attempt would fail.
+    assert common.download(closed_port_url(), tmp_path / "f", sha(b"abc"), 3) == tmp_path / "f"
+    with pytest.raises(common.PrepareError, match=r"already exists but its sha256 is .*delete it"):
+        common.download(closed_port_url(), tmp_path / "f", sha(b"abd"))
+
+
+def test_offline_error_says_what_to_do(tmp_path, monkeypatch, no_sleep):
+    monkeypatch.delenv(common.MIRROR_ENV, raising=False)
+    dest = tmp_path / "input.txt"
+    with pytest.raises(common.PrepareError) as e:
+        common.fetch(closed_port_url(), dest, "tinyshakespeare/input.txt")
+    message = str(e.value)
+    assert "Could not download" in message and "5 attempts" in message
+    assert "Check your internet connection" in message
+    assert f"by hand to {dest}" in message
+    assert "set TRITONGPT_MIRROR to a directory or base URL that holds tinyshakespeare/input.txt" in message
+    assert no_sleep == [1.0, 2.0, 4.0, 8.0]
+    assert not dest.exists()
+
+
+# --- mirror ---
+
+def test_mirror_directory(tmp_path, monkeypatch):
+    (tmp_path / "mirror" / "x").mkdir(parents=True)
+    (tmp_path / "mirror" / "x" / "f.txt").write_bytes(b"mirrored")
+    monkeypatch.setenv(common.MIRROR_ENV, str(tmp_path / "mirror"))
+    dest = common.fetch(closed_port_url(), tmp_path / "out" / "f.txt", "x/f.txt", sha(b"mirrored"))
+    assert dest.read_bytes() == b"mirrored"
+    with pytest.raises(common.PrepareError, match=r"has no x/other\.txt"):
+        common.fetch(closed_port_url(), tmp_path / "out" / "other.txt", "x/other.txt")
+    with pytest.raises(common.PrepareError, match="not the expected file"):
+        common.fetch(closed_port_url(), tmp_path / "out" / "g.txt", "x/f.txt", sha(b"other"))
+
+
+def test_mirror_url(server, tmp_path, monkeypatch):
+    server.files["/base/x/f.txt"] = b"from the mirror"
+    monkeypatch.setenv(common.MIRROR_ENV, server.url + "/base/")
+    dest = common.fetch(closed_port_url(), tmp_path / "f.txt", "x/f.txt", sha(b"from the mirror"))
+    assert dest.read_bytes() == b"from the mirror"
+    assert server.requests == [("/base/x/f.txt", None)]
+
+
+# --- shakespeare_char ---
+
+def nanogpt_char_recipe(text: str) -> tuple[bytes, bytes, bytes]:
+    """train.bin, val.bin and meta.pkl as nanoGPT's data/shakespeare_char/prepare.py makes them."""
+    chars = sorted(list(set(text)))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    itos = {i: ch for i, ch in enumerate(chars)}
+    n = len(text)
+    train = np.array([stoi[c] for c in text[:int(n * 0.9)]], dtype=np.uint16)
+    val = np.array([stoi[c] for c in text[int(n * 0.9):]], dtype=np.uint16)
+    meta = io.BytesIO()
+    pickle.dump({"vocab_size": len(chars), "itos": itos, "stoi": stoi}, meta)
+    return train.tobytes(), val.tobytes(), meta.getvalue()
+
+
+@needs_shakespeare
+def test_shakespeare_char_is_byte_identical_to_nanogpt(tmp_path):
+    result = run_script("shakespeare_char", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "data" / "shakespeare_char"
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    train, val, meta = nanogpt_char_recipe(text)
+    assert (out / "train.bin").read_bytes() == train
+    assert (out / "val.bin").read_bytes() == val
+    assert (out / "meta.pkl").read_bytes() == meta
+    assert (out / "input.txt").read_bytes() == SHAKESPEARE.read_bytes()
+    assert len(train) // 2 == 1_003_854 and len(val) // 2 == 111_540
+    for line in ["length of dataset in characters: 1,115,394", "vocab size: 65",
+                 "train has 1,003,854 tokens", "val has 111,540 tokens"]:
+        assert line in result.stdout
+    # The files decode back to the text through meta.pkl.
+    itos = pickle.loads(meta)["itos"]
+    decoded = "".join(itos[i] for i in np.fromfile(out / "train.bin", dtype=np.uint16).tolist())
+    assert decoded + "".join(itos[i] for i in np.fromfile(out / "val.bin", dtype=np.uint16).tolist()) == text
+
+
+@needs_shakespeare
+def test_shakespeare_char_from_a_mirror_url(server, tmp_path):
+    server.files["/m/tinyshakespeare/input.txt"] = SHAKESPEARE.read_bytes()
+    result = run_script("shakespeare_char", "--data_dir", "out", cwd=tmp_path,
+                        env={common.MIRROR_ENV: server.url + "/m"})
+    assert result.returncode == 0, result.stderr
+    train, val, meta = nanogpt_char_recipe(SHAKESPEARE.read_text(encoding="utf-8"))
+    assert (tmp_path / "out" / "train.bin").read_bytes() == train
+    assert (tmp_path / "out" / "meta.pkl").read_bytes() == meta
+
+
+def test_script_errors_are_one_clear_line(tmp_path):
+    result = run_script("shakespeare_char", cwd=tmp_path, env={common.MIRROR_ENV: str(tmp_path)})
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: TRITONGPT_MIRROR={tmp_path} has no tinyshakespeare/input.txt; put the "
+                                     f"file there, or unset TRITONGPT_MIRROR to download {common.TINYSHAKESPEARE_URL}")
