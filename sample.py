@@ -1,0 +1,145 @@
+"""
+Sample from a trained model (out_dir/ckpt.pt) or a pretrained GPT-2:
+
+$ python sample.py --out_dir=out-shakespeare-char
+$ python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3 --top_p=0.9
+$ python sample.py --init_from=gpt2 --start=FILE:prompt.txt --stream=True --stop_at_eot=True
+"""
+import codecs
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import tiktoken
+import torch
+
+from configurator import autocast, configure, resolve_compile, resolve_device, resolve_dtype
+from data import load_meta
+from model import GPT, model_from_checkpoint
+
+# -----------------------------------------------------------------------------
+init_from = "resume"  # 'resume' (out_dir/ckpt.pt), a GPT-2 name ('gpt2', ..., 'gpt2-xl') or an HF model dir
+out_dir = "out"  # ignored unless init_from is 'resume'
+start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
+num_samples = 10  # number of samples to draw
+max_new_tokens = 500  # number of tokens generated in each sample
+temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random; 0 = greedy
+top_k: int | None = 200  # keep only the top_k most likely tokens (None: all)
+top_p: float | None = None  # keep the smallest set of tokens whose probability reaches top_p (None: all)
+seed = 1337
+device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"  # 'auto', 'float32', 'bfloat16' or 'float16'
+compile: bool | str = False  # torch.compile the model (faster sampling after a slow first step)
+kv_cache = True  # run the prompt once and then one token per step
+stream = False  # print tokens as they are generated
+stop_at_eot = False  # end a sample at GPT-2's <|endoftext|> token
+attn_impl = "auto"
+ln_impl = "auto"
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class Tokenizer:
+    encode: Callable[[str], list[int]]
+    decode_bytes: Callable[[list[int]], bytes]  # bytes, so a character split across tokens streams whole
+    eot: int | None  # the end-of-text token, if the vocabulary has one
+
+
+def char_tokenizer(meta: dict) -> Tokenizer:
+    stoi, itos = meta["stoi"], meta["itos"]
+
+    def encode(text: str) -> list[int]:
+        unknown = sorted(set(text) - set(stoi))
+        if unknown:
+            raise SystemExit(f"error: the prompt has characters outside the model's vocabulary: {unknown}")
+        return [stoi[c] for c in text]
+
+    return Tokenizer(encode, lambda ids: "".join(itos[i] for i in ids).encode(), None)
+
+
+def gpt2_tokenizer() -> Tokenizer:
+    enc = tiktoken.get_encoding("gpt2")
+    return Tokenizer(lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}), enc.decode_bytes, enc.eot_token)
+
+
+def load_model() -> tuple[GPT, Tokenizer]:
+    """The model and the tokenizer it was trained with: the dataset's char vocabulary if it has a
+    meta.pkl (as nanoGPT's sample.py finds it), else GPT-2's BPE."""
+    if init_from != "resume":
+        return GPT.from_pretrained(init_from, attn_impl=attn_impl, ln_impl=ln_impl), gpt2_tokenizer()
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f"error: no checkpoint at {ckpt_path}; train one first (python train.py ...) or set --out_dir")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    model = model_from_checkpoint(checkpoint, attn_impl, ln_impl)
+    train_config = checkpoint.get("config", {})
+    meta = None
+    if "dataset" in train_config:
+        meta = load_meta(train_config.get("data_dir") or os.path.join("data", train_config["dataset"]))
+    if meta is not None:
+        print(f"using the character vocabulary of {train_config['dataset']} (meta.pkl)")
+        return model, char_tokenizer(meta)
+    return model, gpt2_tokenizer()
+
+
+def read_prompt(start: str) -> str:
+    if not start.startswith("FILE:"):
+        return start
+    path = start[len("FILE:") :]
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: prompt file {path} not found (from start=FILE:{path})")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def generate_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], batch: int, on_token=None) -> list[str]:
+    """`batch` continuations of the prompt; on_token(bytes) is called with each new token of sample 0."""
+    idx = torch.tensor(prompt_ids, dtype=torch.long, device=device).expand(batch, -1)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    rows = [[] for _ in range(batch)]
+    stream_kwargs = dict(top_p=top_p, use_cache=kv_cache)
+    for token in model.generate_stream(idx, max_new_tokens, temperature, top_k, **stream_kwargs):
+        token = token.squeeze(1)
+        if stop_at_eot and tokenizer.eot is not None:
+            finished |= token == tokenizer.eot
+        for row, (tok, done) in enumerate(zip(token.tolist(), finished.tolist())):
+            if not done:
+                rows[row].append(tok)
+        if on_token is not None and not finished[0]:
+            on_token(tokenizer.decode_bytes([token[0].item()]))
+        if bool(finished.all()):
+            break
+    return [tokenizer.decode_bytes(prompt_ids + row).decode("utf-8", errors="replace") for row in rows]
+
+
+def main() -> None:
+    global device, dtype
+    configure(globals())
+    torch.manual_seed(seed)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    model, tokenizer = load_model()
+    model.eval().to(device)
+    if resolve_compile(compile, device):
+        model.compile()  # in place, so the generation loop's calls of the model go through it
+    prompt_ids = tokenizer.encode(read_prompt(start))
+    if not prompt_ids:
+        raise SystemExit("error: the prompt is empty; use --start='\\n' or --start='<|endoftext|>' for an unconditional sample")
+    with torch.no_grad(), autocast(device, dtype):
+        if stream:
+            for _ in range(num_samples):
+                utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                sys.stdout.write(tokenizer.decode_bytes(prompt_ids).decode("utf-8", errors="replace"))
+                generate_text(model, tokenizer, prompt_ids, 1, lambda b: print(utf8.decode(b), end="", flush=True))
+                print("\n---------------")
+        else:
+            for text in generate_text(model, tokenizer, prompt_ids, num_samples):
+                print(text)
+                print("---------------")
+
+
+if __name__ == "__main__":
+    main()
