@@ -1,0 +1,458 @@
+"""FlashAttention-2 (forward and backward) in Triton.
+
+Attention softmax(Q K^T * scale) V computed naively builds a T x T score matrix per head, so memory
+grows as O(T^2) and the time goes into moving that matrix through HBM. FlashAttention instead keeps
+one tile of queries in fast memory and streams the keys and values past it, maintaining a running
+row maximum and row sum ("online softmax") so the tile's output can be rescaled as new keys arrive.
+Nothing of size T x T is ever stored; the forward only saves the row logsumexp (base 2, see below).
+
+The backward recomputes the probabilities tile by tile from Q, K and that logsumexp:
+  P = exp(S - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = dS K,  dK = dS^T Q
+with delta = rowsum(dO * O) precomputed by a small kernel. One kernel holds a key tile and streams
+the queries (dK, dV); another holds a query tile and streams the keys (dQ). Each output tile has a
+single owner, so no atomics are needed.
+
+Details:
+- Scores are computed in base 2: softmax_scale * log2(e) is folded into one multiply so the kernels
+  can use exp2, which is what the hardware provides; the saved logsumexp is base 2 as well.
+- Causal attention skips the tiles above the diagonal through the loop bounds; only the tiles that
+  straddle the diagonal (and the ragged last tile when T is not a multiple of the tile) are masked.
+- Dropout draws Philox random numbers keyed by each score's global index (b, h, i, j), so the
+  backward regenerates the forward's mask instead of storing it, whatever the tile sizes.
+- Matmuls take fp16/bf16 tiles natively with fp32 accumulation; all other math is in fp32.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton decides when `triton.jit` runs whether kernels execute in its interpreter; mirror it here.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 128
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, T, dropout_p):
+    """Keep-mask for the scores at (rows, cols) of head bh; rows and cols broadcast against each other."""
+    # The counter is the score's global index, so the mask does not depend on how the work is tiled.
+    # It is built in int64 (B*H*T*T overflows int32 for long sequences) and fed to Philox as two
+    # 32-bit words, which keeps Philox in fast 32-bit arithmetic.
+    idx = (bh.to(tl.int64) * T + rows) * T + cols
+    lo = idx.to(tl.uint32)  # truncates to the low word
+    hi = (idx >> 32).to(tl.uint32)
+    zero = tl.zeros_like(lo)
+    r, _, _, _ = tl.philox(seed, lo, hi, zero, zero)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _load_tile(ptr, rows, cols, stride_t, stride_d, T, D, UPCAST: tl.constexpr):
+    tile = tl.load(ptr + rows[:, None] * stride_t + cols[None, :] * stride_d,
+                   mask=(rows[:, None] < T) & (cols[None, :] < D), other=0.0)
+    if UPCAST:  # the interpreter computes low-precision tl.dot wrongly
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
+               rows, lo, hi, bh, T, D, qk_scale, seed, dropout_p,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_ptr, cols, offs_d, stride_kt, stride_kd, T, D, UPCAST)
+        v = _load_tile(v_ptr, cols, offs_d, stride_vt, stride_vd, T, D, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            valid = cols[None, :] < T
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= rows[:, None])
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        # The normalizer sums the un-dropped probabilities: out = dropout(softmax(S)) V.
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p), p, 0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE,
+                stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
+                H, T, D, qk_scale, seed, dropout_p, keep_scale,
+                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    m0 = tl.program_id(0) * BLOCK_M
+    h, b = tl.program_id(1), tl.program_id(2)
+    bh = b * H + h
+    # int64 offsets: b * stride_b alone can exceed 2^31 elements for large batches.
+    q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_ptr = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_ptr = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    o_ptr = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(q_ptr, rows, offs_d, stride_qt, stride_qd, T, D, UPCAST)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Key tiles in [0, split) need no mask; those in [split, end) straddle the diagonal or the end of
+    # the sequence. Causal stops at the diagonal: later key tiles are fully masked and never visited.
+    if CAUSAL:
+        split = m0
+        end = tl.minimum(m0 + BLOCK_M, T)
+    else:
+        split = (T // BLOCK_N) * BLOCK_N
+        end = T
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
+                               rows, 0, split, bh, T, D, qk_scale, seed, dropout_p,
+                               False, CAUSAL, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
+                               rows, split, end, bh, T, D, qk_scale, seed, dropout_p,
+                               True, CAUSAL, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+
+    out = acc * (keep_scale / l_i)[:, None]
+    tl.store(o_ptr + rows[:, None] * stride_ot + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty),
+             mask=(rows[:, None] < T) & (offs_d[None, :] < D))
+    tl.store(LSE + bh.to(tl.int64) * T + rows, m_i + tl.log2(l_i), mask=rows < T)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_od,
+                      stride_dob, stride_doh, stride_dot, stride_dod, H, T, D,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    h, b = tl.program_id(1), tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
+                   rows, offs_d, stride_ot, stride_od, T, D, True)
+    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
+                    rows, offs_d, stride_dot, stride_dod, T, D, True)
+    tl.store(DELTA + (b * H + h).to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=rows < T)
+
+
+@triton.jit
+def _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qd, stride_dot, stride_dod,
+                    cols, lo, hi, bh, T, D, qk_scale, seed, dropout_p, keep_scale,
+                    MASKED: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # Everything is computed transposed (keys along dim 0) so dK and dV accumulate without transposes.
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_ptr, rows, offs_d, stride_qt, stride_qd, T, D, UPCAST)
+        do = _load_tile(do_ptr, rows, offs_d, stride_dot, stride_dod, T, D, UPCAST)
+        # lse = +inf zeroes the probabilities of the padding rows past T.
+        lse = tl.load(lse_ptr + rows, mask=rows < T, other=float("inf"))
+        delta = tl.load(delta_ptr + rows, mask=rows < T, other=0.0)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
+        if MASKED:
+            p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if DROPOUT:
+            keep_t = _dropout_keep(seed, bh, rows[None, :], cols[:, None], T, dropout_p)
+            dv = tl.dot(tl.where(keep_t, p_t * keep_scale, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
+            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+                     stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                     stride_vb, stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
+                     stride_gb, stride_gh, stride_gt, stride_gd,
+                     H, T, D, softmax_scale, qk_scale, seed, dropout_p, keep_scale,
+                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    n0 = tl.program_id(0) * BLOCK_N
+    h, b = tl.program_id(1), tl.program_id(2)
+    bh = b * H + h
+    q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    do_ptr = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    lse_ptr = LSE + bh.to(tl.int64) * T
+    delta_ptr = DELTA + bh.to(tl.int64) * T
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,
+                   cols, offs_d, stride_kt, stride_kd, T, D, UPCAST)
+    v = _load_tile(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh,
+                   cols, offs_d, stride_vt, stride_vd, T, D, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Keys past T are never stored, so only the causal diagonal needs a mask. Causal: queries before
+    # n0 cannot see this key tile, the query tiles in [n0, n0 + BLOCK_N) straddle the diagonal, and
+    # every later query sees the whole tile.
+    if CAUSAL:
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qd,
+                                 stride_dot, stride_dod, cols, n0, tl.minimum(n0 + BLOCK_N, T), bh, T, D,
+                                 qk_scale, seed, dropout_p, keep_scale,
+                                 True, DROPOUT, BLOCK_M, BLOCK_D, UPCAST, PRECISION)
+        first_unmasked = n0 + BLOCK_N
+    else:
+        first_unmasked = 0
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qd,
+                             stride_dot, stride_dod, cols, first_unmasked, T, bh, T, D,
+                             qk_scale, seed, dropout_p, keep_scale,
+                             False, DROPOUT, BLOCK_M, BLOCK_D, UPCAST, PRECISION)
+
+    # dK and dV share one layout (stride_g*), chosen by the launcher.
+    mask = (cols[:, None] < T) & (offs_d[None, :] < D)
+    offs = (b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+            + cols[:, None] * stride_gt + offs_d[None, :] * stride_gd)
+    tl.store(DK + offs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
+                  rows, lo, hi, bh, T, D, qk_scale, seed, dropout_p, keep_scale,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_ptr, cols, offs_d, stride_kt, stride_kd, T, D, UPCAST)
+        v = _load_tile(v_ptr, cols, offs_d, stride_vt, stride_vd, T, D, UPCAST)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            valid = cols[None, :] < T
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= rows[:, None])
+            p = tl.where(valid, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            dp = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p), dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
+                   stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                   stride_vb, stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
+                   stride_gb, stride_gh, stride_gt, stride_gd,
+                   H, T, D, softmax_scale, qk_scale, seed, dropout_p, keep_scale,
+                   CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    m0 = tl.program_id(0) * BLOCK_M
+    h, b = tl.program_id(1), tl.program_id(2)
+    bh = b * H + h
+    k_ptr = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_ptr = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
+                   rows, offs_d, stride_qt, stride_qd, T, D, UPCAST)
+    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
+                    rows, offs_d, stride_dot, stride_dod, T, D, UPCAST)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Same split of the key tiles as in the forward.
+    if CAUSAL:
+        split = m0
+        end = tl.minimum(m0 + BLOCK_M, T)
+    else:
+        split = (T // BLOCK_N) * BLOCK_N
+        end = T
+    dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
+                       rows, 0, split, bh, T, D, qk_scale, seed, dropout_p, keep_scale,
+                       False, CAUSAL, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+    dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
+                       rows, split, end, bh, T, D, qk_scale, seed, dropout_p, keep_scale,
+                       True, CAUSAL, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+    tl.store(DQ + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+             + rows[:, None] * stride_gt + offs_d[None, :] * stride_gd,
+             (dq * softmax_scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < T) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dropout_mask_kernel(MASK, seed, T, dropout_p, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    bh = tl.program_id(2)
+    keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p)
+    tl.store(MASK + (bh.to(tl.int64) * T + rows[:, None]) * T + cols[None, :], keep.to(tl.int8),
+             mask=(rows[:, None] < T) & (cols[None, :] < T))
+
+
+def _tile_config(block_d, dtype):
+    """(fwd, bwd) launch settings; each is (held tile, streamed tile, num_warps, num_stages).
+
+    The held tile is a multiple of the streamed one so that the causal diagonal band is a whole number
+    of streamed tiles. Sizes are those commonly used for FlashAttention-2 in Triton on A100/H100:
+    fp32 tiles take twice the registers and shared memory, so they are halved.
+    """
+    if _INTERPRET:  # small tiles keep the interpreter fast and make T = tile +- 1 cheap to test
+        return (32, 16, 4, 1), (32, 16, 4, 1)
+    warps = 4 if block_d <= 64 else 8
+    if dtype == torch.float32:
+        return (64, 32, warps, 2), (64, 32, warps, 2)
+    return (128, 64, warps, 3), (64, 32, warps, 2)
+
+
+def _dot_precision(dtype):
+    # Only fp32 tiles are affected: like torch's own matmuls they use TF32 only when torch allows it.
+    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _bthd_like(x):
+    """Empty (B, H, T, D) tensor stored as (B, T, H, D): merging heads afterwards is then free."""
+    B, H, T, D = x.shape
+    return torch.empty(B, T, H, D, dtype=x.dtype, device=x.device).transpose(1, 2)
+
+
+def _forward(q, k, v, causal, softmax_scale, dropout_p, seed):
+    B, H, T, D = q.shape
+    block_d = max(16, triton.next_power_of_2(D))
+    (block_m, block_n, warps, stages), _ = _tile_config(block_d, q.dtype)
+    out = _bthd_like(q)
+    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(T, block_m), H, B)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, T, D, softmax_scale * math.log2(math.e), seed, dropout_p, 1.0 / (1.0 - dropout_p),
+        CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        UPCAST=_INTERPRET and q.dtype != torch.float32, PRECISION=_dot_precision(q.dtype),
+        num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, causal, softmax_scale, dropout_p, seed):
+    B, H, T, D = q.shape
+    block_d = max(16, triton.next_power_of_2(D))
+    _, (held, streamed, warps, stages) = _tile_config(block_d, q.dtype)
+    delta = torch.empty_like(lse)
+    _bwd_delta_kernel[(triton.cdiv(T, held), H, B)](
+        out, do, delta, *out.stride(), *do.stride(), H, T, D, BLOCK_M=held, BLOCK_D=block_d)
+    dq, dk, dv = _bthd_like(q), _bthd_like(q), _bthd_like(q)
+    args = (H, T, D, softmax_scale, softmax_scale * math.log2(math.e), seed, dropout_p, 1.0 / (1.0 - dropout_p))
+    meta = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_D=block_d,
+                UPCAST=_INTERPRET and q.dtype != torch.float32, PRECISION=_dot_precision(q.dtype),
+                num_warps=warps, num_stages=stages)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride())
+    _bwd_dkdv_kernel[(triton.cdiv(T, held), H, B)](
+        q, k, v, do, dk, dv, lse, delta, *strides, *args, BLOCK_M=streamed, BLOCK_N=held, **meta)
+    _bwd_dq_kernel[(triton.cdiv(T, held), H, B)](
+        q, k, v, do, dq, lse, delta, *strides, *args, BLOCK_M=held, BLOCK_N=streamed, **meta)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, dropout_p, softmax_scale, seed):
+        out, lse = _forward(q, k, v, causal, softmax_scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.dropout_p, ctx.softmax_scale, ctx.seed = causal, dropout_p, softmax_scale, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, ctx.seed)
+        return dq, dk, dv, None, None, None, None
+
+
+def _check_inputs(q, k, v, dropout_p):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected 4 dims (B, H, T, D), "
+                             "e.g. x.view(B, T, H, D).transpose(1, 2)")
+    if not q.shape == k.shape == v.shape:
+        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}; they must "
+                         "all be (B, H, T, D) with the same T (for fewer kv heads, repeat k and v per query head)")
+    if q.numel() == 0:
+        raise ValueError(f"q, k, v are empty (shape {tuple(q.shape)}); B, H, T and D must all be >= 1")
+    D = q.shape[-1]
+    if not _MIN_HEAD_DIM <= D <= _MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={D} is outside the supported {_MIN_HEAD_DIM}..{_MAX_HEAD_DIM}; "
+                         "use attn_impl='sdpa'")
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtypes q={q.dtype}, k={k.dtype}, v={v.dtype}: all three must be the same, "
+                         "one of float16, bfloat16 or float32 (cast them, or use attn_impl='sdpa')")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v are on different devices ({q.device}, {k.device}, {v.device}); move them to one")
+    if q.device.type != "cuda" and not _INTERPRET:
+        raise ValueError("Triton kernels need a CUDA GPU; on CPU set TRITON_INTERPRET=1 before importing triton "
+                         "(slow, for testing) or use attn_impl='sdpa'")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p} must be in [0, 1); use 0.0 to disable dropout")
+
+
+def flash_attention(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, *, seed=None):
+    """softmax(q k^T * softmax_scale) v with FlashAttention-2 kernels, like F.scaled_dot_product_attention.
+
+    q, k, v: (B, H, T, D), any strides, fp16/bf16/fp32, 16 <= D <= 128. causal: query i attends to keys
+    j <= i. softmax_scale defaults to 1/sqrt(D). dropout_p drops attention probabilities (after the
+    softmax) with Philox numbers derived from `seed`; None draws the seed from torch's default CPU
+    generator, so torch.manual_seed makes runs reproducible without a GPU sync. Returns (B, H, T, D),
+    stored as (B, T, H, D) so that `out.transpose(1, 2).reshape(B, T, H * D)` does not copy.
+    """
+    _check_inputs(q, k, v, dropout_p)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    if dropout_p == 0.0:
+        seed = 0  # unused by the kernels; avoid consuming the generator
+    elif seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return _FlashAttention.apply(q, k, v, bool(causal), float(dropout_p), float(softmax_scale), int(seed))
+
+
+def flash_attention_supported(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether flash_attention runs natively here: CUDA, a supported dtype and 16 <= head_dim <= 128.
+
+    False on CPU even under TRITON_INTERPRET=1: the interpreter is for tests, far too slow to train with.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    return dtype in _SUPPORTED_DTYPES and _MIN_HEAD_DIM <= head_dim <= _MAX_HEAD_DIM
+
+
+def dropout_mask(seed, B, H, T, dropout_p, device):
+    """Test-only: the (B, H, T, T) bool keep-mask that flash_attention(..., dropout_p, seed=seed) applies.
+
+    It runs the kernels' own random-number formula with different tiles, so tests can feed the exact
+    mask to attention_reference.
+    """
+    mask = torch.empty(B, H, T, T, dtype=torch.int8, device=device)
+    block = 16 if _INTERPRET else 64
+    _dropout_mask_kernel[(triton.cdiv(T, block), triton.cdiv(T, block), B * H)](mask, seed, T, dropout_p, BLOCK=block)
+    return mask.view(torch.bool)
+
+
+def attention_reference(q, k, v, causal, softmax_scale=None, dropout_mask=None, dropout_p=0.0):
+    """Plain PyTorch attention with an explicit softmax, in the inputs' dtype (tests run it in float64).
+
+    dropout_mask: optional (B, H, T, T) bool keep-mask; kept probabilities are scaled by 1/(1 - dropout_p).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        T = q.shape[-2]
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_mask is not None:
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    return probs @ v

@@ -1,0 +1,312 @@
+"""Tests for kernels/flash_attention.py: forward and gradients against a float64 PyTorch reference.
+
+Without a GPU the kernels run in Triton's interpreter with 32-row held tiles and 16-row streamed tiles,
+so T = 15, 16, 17, 31, 33 sit on either side of the tile edges; the cases are picked by hand to cover
+the edges without a slow cartesian product. Tests marked `gpu` use the real tile sizes and long
+sequences and are skipped on machines without CUDA.
+"""
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from conftest import KERNEL_DEVICE
+
+import kernels.flash_attention as fa
+from kernels.flash_attention import (_dropout_keep, attention_reference, dropout_mask, flash_attention,
+                                     flash_attention_supported)
+
+DEVICE = KERNEL_DEVICE
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=DEVICE, dtype=dtype)
+
+
+def forward_backward(fn, q, k, v, do, **kwargs):
+    """fn(q, k, v, **kwargs) and its gradients for upstream gradient `do`, on fresh leaf copies."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = fn(*leaves, **kwargs)
+    out.backward(do)
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+def reference64(q, k, v, do, **kwargs):
+    return forward_backward(attention_reference, q.double(), k.double(), v.double(), do.double(), **kwargs)
+
+
+def max_err(actual, expected):
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def assert_matches(actual, expected, rel=1e-4):
+    """Max abs error within `rel` of the larger of the expected magnitude and 1 (fp32 accuracy)."""
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert a.shape == e.shape
+        bound = rel * max(1.0, e.abs().max().item())
+        err = max_err(a, e)
+        assert err <= bound, f"{name}: max abs error {err:.3g} > {bound:.3g}"
+
+
+def assert_flash_rule(actual, torch_low, expected, eps=1e-3):
+    """FlashAttention's rule: error vs fp64 at most twice that of PyTorch's own low-precision math."""
+    for name, a, t, e in zip(("out", "dq", "dk", "dv"), actual, torch_low, expected):
+        err, torch_err = max_err(a, e), max_err(t, e)
+        assert err <= 2 * torch_err + eps, f"{name}: error {err:.3g} vs PyTorch's {torch_err:.3g}"
+
+
+# (B, H, T, D, causal)
+FP32_CASES = [
+    (1, 1, 1, 16, True),  # a single token
+    (1, 2, 1, 64, False),
+    (2, 3, 15, 32, True),  # streamed tile - 1
+    (1, 2, 16, 48, False),  # exactly one streamed tile
+    (2, 1, 17, 64, True),  # streamed tile + 1
+    (1, 1, 31, 80, False),  # held tile - 1
+    (1, 2, 33, 128, True),  # held tile + 1
+    (2, 2, 47, 96, True),
+    (1, 1, 64, 128, False),
+    (1, 2, 257, 64, True),  # a few hundred
+    (1, 1, 300, 48, False),
+]
+
+
+@pytest.mark.parametrize("B,H,T,D,causal", FP32_CASES)
+def test_fp32_matches_reference(B, H, T, D, causal):
+    q, k, v, do = (randn(B, H, T, D, seed=s) for s in range(4))
+    actual = forward_backward(flash_attention, q, k, v, do, causal=causal)
+    assert_matches(actual, reference64(q, k, v, do, causal=causal))
+
+
+@pytest.mark.parametrize("dtype,B,H,T,D,causal", [
+    (torch.bfloat16, 2, 2, 33, 64, True),
+    (torch.bfloat16, 1, 1, 100, 128, False),
+    (torch.float16, 1, 2, 47, 48, False),
+    (torch.float16, 1, 1, 17, 80, True),
+])
+def test_low_precision_within_twice_pytorch_error(dtype, B, H, T, D, causal):
+    q, k, v, do = (randn(B, H, T, D, dtype=dtype, seed=s) for s in range(4))
+    actual = forward_backward(flash_attention, q, k, v, do, causal=causal)
+    assert all(x.dtype == dtype for x in actual)
+    torch_low = forward_backward(attention_reference, q, k, v, do, causal=causal)
+    assert_flash_rule(actual, torch_low, reference64(q, k, v, do, causal=causal))
+
+
+def test_custom_softmax_scale():
+    q, k, v, do = (randn(1, 2, 40, 32, seed=s) for s in range(4))
+    actual = forward_backward(flash_attention, q, k, v, do, causal=True, softmax_scale=0.5)
+    assert_matches(actual, reference64(q, k, v, do, causal=True, softmax_scale=0.5))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_views_of_fused_qkv(causal):
+    """The model's layout: q, k, v are strided views of one (B, T, 3, H, D) projection; dO is strided too."""
+    B, T, H, D = 2, 37, 3, 48
+    qkv = randn(B, T, 3 * H * D).requires_grad_()
+    q, k, v = (x.transpose(1, 2) for x in qkv.view(B, T, 3, H, D).unbind(2))
+    assert not q.is_contiguous()
+    do = randn(B, T, H, D, seed=1).transpose(1, 2)
+    out = flash_attention(q, k, v, causal=causal)
+    out.backward(do)
+
+    qkv64 = qkv.detach().double().requires_grad_()
+    q64, k64, v64 = (x.transpose(1, 2) for x in qkv64.view(B, T, 3, H, D).unbind(2))
+    ref = attention_reference(q64, k64, v64, causal)
+    ref.backward(do.double())
+    assert_matches([out, qkv.grad], [ref, qkv64.grad])
+
+
+def test_strided_head_dim_and_broadcast_grad():
+    """Head-dim stride != 1, and the stride-0 upstream gradient that out.sum().backward() produces."""
+    B, H, T, D = 1, 2, 20, 32
+    q, k, v = (randn(B, H, T, 2 * D, seed=s)[..., ::2] for s in range(3))
+    assert q.stride(-1) == 2
+    do = torch.ones(B, H, T, D, device=DEVICE)
+    actual = forward_backward(lambda *x: flash_attention(*x).sum(), q, k, v, torch.tensor(1.0, device=DEVICE))
+    expected = reference64(q, k, v, do, causal=True)
+    out = flash_attention(q, k, v)
+    assert_matches([out] + actual[1:], expected)
+
+
+def test_output_is_stored_head_interleaved():
+    """Documented layout: merging heads with transpose(1, 2) after the kernel needs no copy."""
+    q = randn(2, 3, 5, 16)
+    assert flash_attention(q, q, q).transpose(1, 2).is_contiguous()
+
+
+def test_batch_entries_are_independent():
+    """Adding batch entries leaves the others' results bit-identical, dropout included."""
+    q, k, v = (randn(2, 2, 24, 32, seed=s) for s in range(3))
+    both = flash_attention(q, k, v, dropout_p=0.2, seed=5)
+    first = flash_attention(q[:1], k[:1], v[:1], dropout_p=0.2, seed=5)
+    assert torch.equal(both[:1], first)
+
+
+# Dropout
+
+
+@pytest.mark.parametrize("B,H,T,D,causal", [(2, 2, 37, 32, True), (1, 3, 33, 64, False)])
+def test_dropout_matches_reference_given_kernel_mask(B, H, T, D, causal):
+    p, seed = 0.3, 1234
+    q, k, v, do = (randn(B, H, T, D, seed=s) for s in range(4))
+    actual = forward_backward(flash_attention, q, k, v, do, causal=causal, dropout_p=p, seed=seed)
+    mask = dropout_mask(seed, B, H, T, p, DEVICE)
+    expected = reference64(q, k, v, do, causal=causal, dropout_mask=mask, dropout_p=p)
+    assert_matches(actual, expected)
+    # The mask must matter: without it the result is different.
+    assert max_err(actual[0], reference64(q, k, v, do, causal=causal)[0]) > 1e-2
+
+
+def test_dropout_reproducible_from_seed():
+    q, k, v, do = (randn(1, 2, 40, 32, seed=s) for s in range(4))
+    run = lambda **kw: forward_backward(flash_attention, q, k, v, do, dropout_p=0.5, **kw)
+    first, again, other = run(seed=7), run(seed=7), run(seed=8)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+    torch.manual_seed(3)
+    drawn = run()
+    torch.manual_seed(3)
+    assert all(torch.equal(a, b) for a, b in zip(drawn, run()))
+    assert not torch.equal(drawn[0], run()[0])
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_rate(p):
+    B, H, T = 2, 3, 64
+    mask = dropout_mask(99, B, H, T, p, DEVICE)
+    assert mask.shape == (B, H, T, T) and mask.dtype == torch.bool
+    n = mask.numel()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(mask.float().mean().item() - (1 - p)) < 5 * sigma
+    # Heads and batch entries get their own patterns, not one repeated.
+    assert not torch.equal(mask[0, 0], mask[0, 1]) and not torch.equal(mask[0, 0], mask[1, 0])
+
+
+def test_dropout_mask_is_pure_function_of_global_index():
+    small = dropout_mask(11, 1, 2, 19, 0.5, DEVICE)
+    large = dropout_mask(11, 3, 2, 19, 0.5, DEVICE)
+    assert torch.equal(small[0], large[0])
+    assert not torch.equal(dropout_mask(12, 1, 2, 19, 0.5, DEVICE), small)
+
+
+@triton.jit
+def _keep_mask_of_head(OUT, seed, bh, T, dropout_p, BLOCK: tl.constexpr):
+    idx = tl.arange(0, BLOCK)
+    keep = _dropout_keep(seed, bh, idx[:, None], idx[None, :], T, dropout_p)
+    tl.store(OUT + idx[:, None] * BLOCK + idx[None, :], keep.to(tl.int8))
+
+
+def test_dropout_counter_does_not_wrap_at_32_bits():
+    """Head 2^24 of a T=16 problem starts at global index 2^32: int32 math would repeat head 0's mask."""
+    T = 16
+    masks = []
+    for bh in (0, 2**24):
+        out = torch.empty(T, T, dtype=torch.int8, device=DEVICE)
+        _keep_mask_of_head[(1,)](out, 3, bh, T, 0.5, BLOCK=T)
+        masks.append(out.bool())
+    assert torch.equal(masks[0], dropout_mask(3, 1, 1, T, 0.5, DEVICE)[0, 0])
+    assert not torch.equal(masks[0], masks[1])
+
+
+# Validation and capability checks
+
+
+@pytest.mark.parametrize("shapes,dtype,kwargs,message", [
+    ([(2, 8, 16)] * 3, torch.float32, {}, "expected 4 dims"),
+    ([(1, 2, 8, 16), (1, 2, 9, 16), (1, 2, 9, 16)], torch.float32, {}, "shapes differ"),
+    ([(1, 2, 0, 16)] * 3, torch.float32, {}, "empty"),
+    ([(1, 2, 8, 8)] * 3, torch.float32, {}, r"head dim D=8 is outside the supported 16\.\.128; use attn_impl='sdpa'"),
+    ([(1, 2, 8, 256)] * 3, torch.float32, {}, r"head dim D=256 is outside"),
+    ([(1, 2, 8, 16)] * 3, torch.float64, {}, "unsupported dtypes"),
+    ([(1, 2, 8, 16)] * 3, torch.float32, {"dropout_p": 1.0}, r"dropout_p=1.0 must be in \[0, 1\)"),
+    ([(1, 2, 8, 16)] * 3, torch.float32, {"dropout_p": -0.1}, r"dropout_p=-0.1 must be in \[0, 1\)"),
+])
+def test_rejects_bad_input(shapes, dtype, kwargs, message):
+    q, k, v = (torch.zeros(s, dtype=dtype, device=DEVICE) for s in shapes)
+    with pytest.raises(ValueError, match=message):
+        flash_attention(q, k, v, **kwargs)
+
+
+def test_rejects_mixed_dtypes():
+    q = torch.zeros(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="unsupported dtypes"):
+        flash_attention(q, q.half(), q)
+
+
+def test_rejects_cpu_tensors_without_interpreter(monkeypatch):
+    monkeypatch.setattr(fa, "_INTERPRET", False)
+    q = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="Triton kernels need a CUDA GPU; on CPU set TRITON_INTERPRET=1"):
+        flash_attention(q, q, q)
+
+
+def test_supported_never_picks_cpu():
+    for dtype in (torch.float32, torch.bfloat16):
+        assert not flash_attention_supported(64, dtype, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_supported_on_gpu():
+    cuda = torch.device("cuda")
+    assert flash_attention_supported(64, torch.float16, cuda)
+    assert flash_attention_supported(80, torch.float32, cuda)
+    assert not flash_attention_supported(8, torch.float16, cuda)
+    assert not flash_attention_supported(256, torch.float16, cuda)
+    assert not flash_attention_supported(64, torch.float64, cuda)
+
+
+# GPU only: real tile sizes, long sequences, memory
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,T,D,causal", [
+    (2, 4, 1024, 64, True),
+    (2, 2, 1000, 80, False),
+    (1, 2, 4096, 128, True),
+    (1, 2, 4096, 64, False),
+])
+def test_gpu_low_precision_long_sequences(dtype, B, H, T, D, causal):
+    q, k, v, do = (randn(B, H, T, D, dtype=dtype, seed=s) for s in range(4))
+    actual = forward_backward(flash_attention, q, k, v, do, causal=causal)
+    torch_low = forward_backward(attention_reference, q, k, v, do, causal=causal)
+    assert_flash_rule(actual, torch_low, reference64(q, k, v, do, causal=causal), eps=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,H,T,D,causal", [(2, 3, 513, 64, True), (1, 2, 300, 96, False)])
+def test_gpu_fp32_matches_reference(B, H, T, D, causal, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    q, k, v, do = (randn(B, H, T, D, seed=s) for s in range(4))
+    actual = forward_backward(flash_attention, q, k, v, do, causal=causal)
+    assert_matches(actual, reference64(q, k, v, do, causal=causal))
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_matches_reference_given_kernel_mask():
+    B, H, T, D, p = 2, 2, 700, 64, 0.1
+    q, k, v, do = (randn(B, H, T, D, dtype=torch.bfloat16, seed=s) for s in range(4))
+    actual = forward_backward(flash_attention, q, k, v, do, dropout_p=p, seed=42)
+    mask = dropout_mask(42, B, H, T, p, DEVICE)
+    torch_low = forward_backward(attention_reference, q, k, v, do, causal=True, dropout_mask=mask, dropout_p=p)
+    expected = reference64(q, k, v, do, causal=True, dropout_mask=mask, dropout_p=p)
+    assert_flash_rule(actual, torch_low, expected, eps=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_linear_in_sequence_length():
+    B, H, T, D = 1, 8, 16384, 64  # one T x T fp16 score matrix per head would take 4 GiB
+    q, k, v = (randn(B, H, T, D, dtype=torch.float16, seed=s).requires_grad_() for s in range(3))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = flash_attention(q, k, v)
+    torch.cuda.synchronize()
+    # Output plus the fp32 row logsumexp, with slack; nothing proportional to T^2.
+    assert torch.cuda.max_memory_allocated() - before <= 2 * q.nbytes
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    # dq, dk, dv, delta and the upstream gradient.
+    assert torch.cuda.max_memory_allocated() - before <= 8 * q.nbytes
