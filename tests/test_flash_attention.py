@@ -5,6 +5,7 @@ so T = 15, 16, 17, 31, 33 sit on either side of the tile edges; the cases are pi
 the edges without a slow cartesian product. Tests marked `gpu` use the real tile sizes and long
 sequences and are skipped on machines without CUDA.
 """
+import importlib
 import math
 
 import pytest
@@ -13,7 +14,8 @@ import triton
 import triton.language as tl
 from conftest import KERNEL_DEVICE
 
-import kernels.flash_attention as fa
+# kernels/__init__.py re-exports the function under the module's name, so `import ... as` would get it.
+fa = importlib.import_module("kernels.flash_attention")
 from kernels.flash_attention import (_dropout_keep, attention_reference, dropout_mask, flash_attention,
                                      flash_attention_supported)
 
