@@ -1,0 +1,264 @@
+"""GPT-2 weights in Hugging Face's format: import, export and download, checked against transformers.
+
+No network: the models are tiny random GPT-2s, and the hub is a local HTTP server."""
+import functools
+import http.server
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import save_file  # noqa: E402  (after the importorskip)
+
+from model import GPT, GPT2_NAMES, GPTConfig, gelu_approximate, set_gelu_approximate  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+TOL = 1e-4
+# Big enough weights that the exact and tanh GELUs differ by more than TOL in the logits (HF's default
+# initializer_range of 0.02 leaves the MLP inputs so small that they agree to ~1e-5).
+INIT_STD = 0.1
+
+
+def tiny_hf_config(**overrides) -> "transformers.GPT2Config":
+    args = dict(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=100, initializer_range=INIT_STD)
+    return transformers.GPT2Config(**{**args, "bos_token_id": None, "eos_token_id": None, **overrides})
+
+
+@torch.no_grad()
+def random_hf_model(seed: int = 0, **config) -> "transformers.GPT2LMHeadModel":
+    """A GPT2LMHeadModel with every parameter random, biases and layer norms included, so that a tensor
+    loaded into the wrong place or left untransposed shows in the logits."""
+    torch.manual_seed(seed)
+    hf = transformers.GPT2LMHeadModel(tiny_hf_config(**config)).eval()
+    for param in hf.parameters():
+        param.add_(torch.randn_like(param) * 0.05)
+    return hf
+
+
+def tokens(vocab_size: int = 100, block_size: int = 32) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, block_size), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def our_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    logits, _ = model(idx, targets=idx)  # with targets: the logits of every position
+    return logits
+
+
+@torch.no_grad()
+def hf_logits(hf, idx: torch.Tensor) -> torch.Tensor:
+    return hf(idx).logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture
+def hf_dir(tmp_path) -> tuple[Path, "transformers.GPT2LMHeadModel"]:
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf", hf
+
+
+def test_hf_to_ours_same_logits(hf_dir):
+    directory, hf = hf_dir
+    model = GPT.from_pretrained(str(directory), attn_impl="sdpa", ln_impl="torch")
+    assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (2, 4, 64)
+    assert (model.config.block_size, model.config.vocab_size, model.config.bias) == (32, 100, True)
+    assert gelu_approximate(model) == "tanh"  # HF's gelu_new
+    idx = tokens()
+    expected = hf_logits(hf, idx)
+    assert max_diff(our_logits(model, idx), expected) < TOL
+    # The test can tell the two GELUs apart: with nanoGPT's exact GELU the logits are off.
+    set_gelu_approximate(model, "none")
+    assert max_diff(our_logits(model, idx), expected) > TOL
+
+
+def test_eager_attention_and_dropout_override(hf_dir):
+    directory, hf = hf_dir
+    model = GPT.from_pretrained(str(directory), dict(dropout=0.1), attn_impl="eager", ln_impl="torch")
+    assert model.config.dropout == 0.1
+    idx = tokens()
+    assert max_diff(our_logits(model, idx), hf_logits(hf, idx)) < TOL  # eval(): dropout is off
+
+
+def test_ours_to_hf_same_logits(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=4, n_embd=64, bias=True), "sdpa", "torch")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * INIT_STD)
+    model.save_pretrained(tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
+    assert config["n_positions"] == config["n_ctx"] == 32 and config["activation_function"] == "gelu"
+    assert not list((tmp_path / "export").glob("*.tmp"))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    idx = tokens()
+    assert max_diff(hf_logits(hf, idx), our_logits(model, idx)) < TOL
+
+
+def test_round_trip_keeps_tanh_gelu(hf_dir, tmp_path):
+    directory, hf = hf_dir
+    model = GPT.from_pretrained(str(directory), attn_impl="sdpa", ln_impl="torch")
+    model.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["activation_function"] == "gelu_new"
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "again").eval()
+    idx = tokens()
+    assert max_diff(hf_logits(reloaded, idx), hf_logits(hf, idx)) < TOL
+
+
+def test_bias_false_exports_zero_biases(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=2, n_embd=64, bias=False), "sdpa", "torch")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * INIT_STD)
+    model.save_pretrained(tmp_path / "nobias")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "nobias").eval()
+    idx = tokens()
+    expected = our_logits(model, idx)
+    assert max_diff(hf_logits(hf, idx), expected) < TOL
+    back = GPT.from_pretrained(str(tmp_path / "nobias"), attn_impl="sdpa", ln_impl="torch")
+    assert back.config.bias and gelu_approximate(back) == "none"
+    assert max_diff(our_logits(back, idx), expected) < TOL
+
+
+def test_hub_layout_and_pytorch_bin(tmp_path):
+    """The hub's files were saved from GPT2Model: no `transformer.` prefix, and causal-mask buffers."""
+    hf = random_hf_model()
+    state = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    mask = torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32)
+    for layer in range(2):
+        state[f"h.{layer}.attn.bias"] = mask.clone()
+        state[f"h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+    idx = tokens()
+    expected = hf_logits(hf, idx)
+    for name, write in (("safetensors", save_file), ("bin", torch.save)):
+        directory = tmp_path / name
+        directory.mkdir()
+        hf.config.to_json_file(directory / "config.json")
+        write(state, directory / ("model.safetensors" if name == "safetensors" else "pytorch_model.bin"))
+        model = GPT.from_pretrained(str(directory), attn_impl="sdpa", ln_impl="torch")
+        assert max_diff(our_logits(model, idx), expected) < TOL, name
+
+
+def test_sharded_safetensors(tmp_path):
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    model = GPT.from_pretrained(str(tmp_path / "sharded"), attn_impl="sdpa", ln_impl="torch")
+    idx = tokens()
+    assert max_diff(our_logits(model, idx), hf_logits(hf, idx)) < TOL
+
+
+# -----------------------------------------------------------------------------
+# Download from the hub (a local server)
+
+
+class Hub(http.server.SimpleHTTPRequestHandler):
+    requests: list[str]  # set per server: the paths asked for
+
+    def do_GET(self):
+        self.requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A local stand-in for huggingface.co serving a tiny model as openai-community/gpt2."""
+    root = tmp_path / "hub"
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path / "tiny")
+    files = root / "openai-community" / "gpt2" / "resolve" / "main"
+    files.mkdir(parents=True)
+    for file in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "tiny" / file, files / file)
+    handler = type("TestHub", (Hub,), {"requests": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("TRITONGPT_HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}/")
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "cache"))
+    yield handler.requests, hf, tmp_path / "cache"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_then_cache(hub):
+    requests, hf, cache = hub
+    idx = tokens()
+    model = GPT.from_pretrained("gpt2", dict(dropout=0.0), attn_impl="sdpa", ln_impl="torch")
+    assert sorted(requests) == [
+        "/openai-community/gpt2/resolve/main/config.json",
+        "/openai-community/gpt2/resolve/main/model.safetensors",
+    ]
+    assert sorted(p.name for p in (cache / "gpt2").iterdir()) == ["config.json", "model.safetensors"]
+    assert max_diff(our_logits(model, idx), hf_logits(hf, idx)) < TOL
+    again = GPT.from_pretrained("gpt2", attn_impl="sdpa", ln_impl="torch")
+    assert len(requests) == 2  # the second load reads the cache only
+    assert max_diff(our_logits(again, idx), hf_logits(hf, idx)) < TOL
+
+
+def test_download_missing_on_server(hub):
+    with pytest.raises(RuntimeError, match="gpt2-medium/resolve/main/config.json.*404"):
+        GPT.from_pretrained("gpt2-medium")
+
+
+# -----------------------------------------------------------------------------
+# Clear errors
+
+
+def test_unknown_name():
+    with pytest.raises(ValueError, match="gpt3") as error:
+        GPT.from_pretrained("gpt3")
+    assert all(name in str(error.value) for name in GPT2_NAMES) and "directory" in str(error.value)
+
+
+def test_override_other_than_dropout(hf_dir):
+    with pytest.raises(ValueError, match=r"only override dropout.*\['n_layer'\]"):
+        GPT.from_pretrained(str(hf_dir[0]), dict(dropout=0.1, n_layer=3))
+
+
+def test_directory_missing_files(hf_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_pretrained(str(empty))
+    (hf_dir[0] / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        GPT.from_pretrained(str(hf_dir[0]))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(model_type="llama"), "model_type is 'llama'"),
+        (dict(activation_function="relu"), "activation_function is 'relu'"),
+        (dict(layer_norm_epsilon=1e-6), "layer_norm_epsilon"),
+        (dict(n_inner=100), "n_inner"),
+        (dict(scale_attn_by_inverse_layer_idx=True), "scaled"),
+    ],
+)
+def test_not_gpt2_config(hf_dir, change, message):
+    config_path = hf_dir[0] / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
+    with pytest.raises(ValueError, match=message):
+        GPT.from_pretrained(str(hf_dir[0]))
+
+
+def test_weights_not_matching_config(hf_dir):
+    config_path = hf_dir[0] / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "n_embd": 128}))
+    with pytest.raises(ValueError, match="has shape"):
+        GPT.from_pretrained(str(hf_dir[0]))
