@@ -425,6 +425,8 @@ def model_from_checkpoint(checkpoint: dict, attn_impl: str = "auto", ln_impl: st
             raise ValueError(f"not a nanoGPT/tritongpt checkpoint: the '{key}' entry is missing")
     model = GPT(GPTConfig.from_dict(checkpoint["model_args"]), attn_impl, ln_impl)
     model.load_state_dict(clean_state_dict(checkpoint["model"]))
+    # a finetuned GPT-2 keeps GPT-2's tanh GELU; nanoGPT's checkpoints have no such key (exact GELU)
+    set_gelu_approximate(model, checkpoint.get("gelu_approximate", "none"))
     return model
 
 

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import autocast, configure, resolve_compile, resolve_device, resolve_dtype
 from data import TokenSplit, atomic_open, load_meta
-from model import GPT, GPTConfig, gpu_peak_flops, model_from_checkpoint
+from model import GPT, GPTConfig, gelu_approximate, gpu_peak_flops, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on OpenWebText, as in nanoGPT
@@ -298,6 +298,7 @@ while True:
                     "config": config,
                     "scaler": scaler.state_dict(),
                     "rng": rng_states,
+                    "gelu_approximate": gelu_approximate(raw_model),
                 }
                 # a temp file renamed over the old one: a run killed at any moment leaves either the
                 # old checkpoint or the new one, never a torn file

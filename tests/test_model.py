@@ -183,3 +183,14 @@ def test_sampling_filters():
     assert set(tiny_p.unique().tolist()) == {0}
     everything = sample_next_token(logits, 1.0, generator=gen)
     assert set(everything.unique().tolist()) == {0, 1, 2, 3}
+
+
+def test_checkpoint_keeps_gpt2_tanh_gelu():
+    from model import gelu_approximate, set_gelu_approximate
+
+    model = tiny_model()
+    set_gelu_approximate(model, "tanh")
+    checkpoint = {"model": model.state_dict(), "model_args": dict(TINY.__dict__), "gelu_approximate": "tanh"}
+    assert gelu_approximate(model_from_checkpoint(checkpoint)) == "tanh"
+    del checkpoint["gelu_approximate"]  # nanoGPT's checkpoints: exact GELU
+    assert gelu_approximate(model_from_checkpoint(checkpoint)) == "none"
