@@ -17,7 +17,8 @@ import secrets
 import shlex
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -179,7 +180,7 @@ class TokenSplit:
         self.split = split
         self.dataset = dataset if dataset is not None else self.data_dir.name
         self.vocab_size = vocab_size
-        self.paths, self.offset = self._find_files()
+        self.paths, self.header_bytes = self._find_files()
         self.counts = np.array([self._count(p) for p in self.paths], dtype=np.int64)
         self.num_tokens = int(self.counts.sum())
         if vocab_size is not None:
@@ -193,7 +194,7 @@ class TokenSplit:
         return f"Create it with: {cmd}"
 
     def _find_files(self) -> tuple[list[Path], int]:
-        """The split's files and the byte offset of the tokens in each."""
+        """The split's files and the size of the header before the tokens in each."""
         if not self.data_dir.is_dir():
             raise FileNotFoundError(f"Dataset directory {self.data_dir} does not exist. {self._create_hint()}")
         raw = self.data_dir / f"{self.split}.bin"
@@ -213,10 +214,11 @@ class TokenSplit:
         )
 
     def _count(self, path: Path) -> int:
-        return raw_token_count(path) if self.offset == 0 else read_shard_header(path)
+        return raw_token_count(path) if self.header_bytes == 0 else read_shard_header(path)
 
     def _memmap(self, i: int) -> np.memmap:
-        return np.memmap(self.paths[i], dtype=TOKEN_DTYPE, mode="r", offset=self.offset, shape=(int(self.counts[i]),))
+        return np.memmap(self.paths[i], dtype=TOKEN_DTYPE, mode="r", offset=self.header_bytes,
+                         shape=(int(self.counts[i]),))
 
     def _vocab_error(self, path: Path, pos: int, token: int) -> ValueError:
         return ValueError(
@@ -240,7 +242,8 @@ class TokenSplit:
             if bad is not None:
                 raise self._vocab_error(self.paths[i], start + bad[0], bad[1])
 
-    def get_batch(self, batch_size: int, block_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(self, batch_size: int, block_size: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: int64 CPU tensors of shape (batch_size, block_size), y being x shifted one token ahead.
 
         Windows never cross a file boundary. Each file gets a share of the batch proportional to its

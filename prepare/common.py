@@ -5,9 +5,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+import numpy as np
 import requests
 import tiktoken
 from tqdm import tqdm
@@ -229,6 +230,14 @@ def char_meta(text: str) -> dict:
     }
 
 
+def char_ids(text: str, meta: dict) -> np.ndarray:
+    """`text` as ids in the char vocabulary `meta`; numpy, since a Python loop over a large corpus crawls."""
+    codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    # stoi's keys are sorted, so an id is the position of the character's code point among them.
+    alphabet = np.array([ord(ch) for ch in meta["stoi"]], dtype=np.uint32)
+    return np.searchsorted(alphabet, codepoints).astype(np.uint16)
+
+
 def write_splits(data_dir: Path, train_ids, val_ids, meta: dict | None = None) -> None:
     """train.bin, val.bin and meta.pkl (char vocabularies only) in nanoGPT's format. Without a meta,
     an old meta.pkl goes: left behind, it would make train.py and sample.py use the wrong vocabulary."""
@@ -239,4 +248,5 @@ def write_splits(data_dir: Path, train_ids, val_ids, meta: dict | None = None) -
     elif (data_dir / "meta.pkl").exists():
         (data_dir / "meta.pkl").unlink()
         print(f"removed the old {data_dir / 'meta.pkl'}: this dataset uses GPT-2 BPE, not a char vocabulary")
-    print(f"wrote {data_dir / 'train.bin'} and {data_dir / 'val.bin'}" + (" and meta.pkl" if meta else ""))
+    written = ["train.bin", "val.bin"] + (["meta.pkl"] if meta is not None else [])
+    print(f"wrote {', '.join(written)} to {data_dir}")

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = common.char_meta(text)
     print("all the unique characters:", "".join(meta["stoi"]))
     print(f"vocab size: {meta['vocab_size']:,}")
-    ids = [meta["stoi"][ch] for ch in text]
+    ids = common.char_ids(text, meta)
     n_train = int(len(text) * 0.9)
     print(f"train has {n_train:,} tokens")
     print(f"val has {len(ids) - n_train:,} tokens")

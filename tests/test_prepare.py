@@ -1,6 +1,7 @@
 """prepare/: downloads against a local HTTP server, and the dataset scripts run as real subprocesses."""
 import hashlib
 import io
+import json
 import os
 import pickle
 import re
@@ -30,6 +31,7 @@ class LocalServer:
         self.drop_after: dict[str, int] = {}  # path -> bytes sent before the first response is cut off
         self.fail_once: dict[str, int] = {}  # path -> HTTP status answered to the first request
         self.ignore_range = False
+        self.headers: dict[str, dict[str, str]] = {}  # path -> extra response headers
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         state = self
 
@@ -61,6 +63,8 @@ class LocalServer:
                 else:
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(body) - start))
+                for name, value in state.headers.get(self.path, {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 # HTTP/1.0: the connection closes after this, so a short write reaches the client as a cut.
                 self.wfile.write(body[start:start + state.drop_after.pop(self.path, len(body))])
@@ -257,9 +261,28 @@ def test_shakespeare_char_from_a_mirror_url(server, tmp_path):
     result = run_script("shakespeare_char", "--data_dir", "out", cwd=tmp_path,
                         env={common.MIRROR_ENV: server.url + "/m"})
     assert result.returncode == 0, result.stderr
-    train, val, meta = nanogpt_char_recipe(SHAKESPEARE.read_text(encoding="utf-8"))
+    train, _, meta = nanogpt_char_recipe(SHAKESPEARE.read_text(encoding="utf-8"))
     assert (tmp_path / "out" / "train.bin").read_bytes() == train
     assert (tmp_path / "out" / "meta.pkl").read_bytes() == meta
+
+
+@needs_shakespeare
+def test_shakespeare_bpe_is_byte_identical_to_nanogpt(tmp_path):
+    result = run_script("shakespeare", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "data" / "shakespeare"
+    # nanoGPT's data/shakespeare/prepare.py: a 90/10 split on characters, then GPT-2 BPE of each part.
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    n = len(text)
+    enc = common.gpt2_encoding()
+    train = np.array(enc.encode_ordinary(text[:int(n * 0.9)]), dtype=np.uint16)
+    val = np.array(enc.encode_ordinary(text[int(n * 0.9):]), dtype=np.uint16)
+    assert (out / "train.bin").read_bytes() == train.tobytes()
+    assert (out / "val.bin").read_bytes() == val.tobytes()
+    assert (len(train), len(val)) == (301_966, 36_059)
+    assert not (out / "meta.pkl").exists()
+    assert "train has 301,966 tokens" in result.stdout and "val has 36,059 tokens" in result.stdout
+    assert enc.decode(np.fromfile(out / "val.bin", dtype=np.uint16).tolist()) == text[int(n * 0.9):]
 
 
 def test_script_errors_are_one_clear_line(tmp_path):
@@ -267,3 +290,160 @@ def test_script_errors_are_one_clear_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == (f"error: TRITONGPT_MIRROR={tmp_path} has no tinyshakespeare/input.txt; put the "
                                      f"file there, or unset TRITONGPT_MIRROR to download {common.TINYSHAKESPEARE_URL}")
+
+
+# --- fineweb ---
+
+FINEWEB_API = "/api/datasets/HuggingFaceFW/fineweb-edu/tree/main/sample/10BT"
+FINEWEB_FILES = "/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"
+WORDS = "the of and to in is was that for on with as by at from his her they be this which or".split()
+
+
+def fake_documents(seed: int, count: int, max_words: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, rng.integers(0, max_words))).capitalize() + "." for _ in range(count)]
+
+
+@pytest.fixture
+def fineweb_hub(server, tmp_path):
+    """A fake hub serving three small parquet files, listed over two pages, and the token stream
+    fineweb.py should make of them, derived here from the documents."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    enc = common.gpt2_encoding()
+    # The middle file has more rows than one read batch (1024), so resuming can land in a later batch.
+    documents = {"000_00000.parquet": fake_documents(0, 40, 300) + ["", "a literal <|endoftext|> in the text"],
+                 "001_00000.parquet": fake_documents(1, 1500, 12),
+                 "002_00000.parquet": fake_documents(2, 30, 200)}
+    listing = [{"type": "directory", "path": "sample/10BT/extra", "oid": "0", "size": 0}]
+    for name, docs in documents.items():
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), buf, row_group_size=500)
+        body = buf.getvalue()
+        server.files[FINEWEB_FILES + "sample/10BT/" + name] = body
+        listing.append({"type": "file", "path": f"sample/10BT/{name}", "oid": "git-sha1", "size": len(body),
+                        "lfs": {"oid": sha(body), "size": len(body), "pointerSize": 134}})
+    server.files[FINEWEB_API] = json_bytes(listing[:2])
+    server.headers[FINEWEB_API] = {"Link": f'<{server.url}{FINEWEB_API}?cursor=2>; rel="next"'}
+    server.files[FINEWEB_API + "?cursor=2"] = json_bytes(listing[2:])
+    stream = [np.array([common.EOT] + enc.encode_ordinary(doc), dtype=np.uint16)
+              for docs in documents.values() for doc in docs]
+    return server, np.concatenate(stream)
+
+
+def json_bytes(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def read_shard_by_hand(path: Path) -> np.ndarray:
+    raw = path.read_bytes()
+    header = np.frombuffer(raw[:1024], dtype="<i4")
+    assert header[0] == 20240520 and header[1] == 1 and not header[3:].any()
+    tokens = np.frombuffer(raw[1024:], dtype="<u2")
+    assert header[2] == len(tokens)
+    return tokens
+
+
+def shard_files(data_dir: Path) -> list[Path]:
+    """The shards in stream order: by their number, not their name (train sorts before val)."""
+    return sorted(data_dir.glob("*.bin"), key=lambda p: p.name[-10:])
+
+
+def expected_names(count: int) -> list[str]:
+    return ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, count)]
+
+
+def run_fineweb(*args: str):
+    from prepare import fineweb
+    fineweb.main(["--workers", "2", *args])
+
+
+def test_fineweb_end_to_end(fineweb_hub, tmp_path):
+    server, stream = fineweb_hub
+    shard_size = 997
+    result = run_script("fineweb", "--hub_url", server.url, "--shard_size", str(shard_size), "--workers", "2",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data_dir = tmp_path / "data" / "fineweb_edu"
+    count = -(-len(stream) // shard_size)
+    assert count > 20
+    assert [p.name for p in shard_files(data_dir)] == expected_names(count)
+    shards = [read_shard_by_hand(p) for p in shard_files(data_dir)]
+    assert all(len(s) == shard_size for s in shards[:-1])
+    assert shards[0][0] == common.EOT
+    np.testing.assert_array_equal(np.concatenate(shards), stream)
+    assert sorted(p.name for p in (data_dir / "parquet").iterdir()) == [
+        "000_00000.parquet", "001_00000.parquet", "002_00000.parquet"]
+    assert f"{count - 1} train shard(s), {len(stream):,} tokens" in result.stdout
+
+    # Loadable for training.
+    import data
+    assert data.TokenSplit(data_dir, "train", vocab_size=50257).num_tokens == len(stream) - shard_size
+
+    # A re-run keeps everything: no shard rewritten, no parquet file downloaded again.
+    mtimes = [p.stat().st_mtime_ns for p in shard_files(data_dir)]
+    server.requests.clear()
+    run_fineweb("--hub_url", server.url, "--shard_size", str(shard_size), "--data_dir", str(data_dir))
+    assert [p.stat().st_mtime_ns for p in shard_files(data_dir)] == mtimes
+    assert not any(FINEWEB_FILES in path for path, _ in server.requests)
+
+
+def test_fineweb_resumes_where_it_stopped(fineweb_hub, tmp_path, capsys):
+    server, _ = fineweb_hub
+    args = ["--hub_url", server.url, "--shard_size", "500", "--data_dir", str(tmp_path)]
+    run_fineweb(*args)
+    original = {p.name: p.read_bytes() for p in shard_files(tmp_path)}
+    assert len(original) > 40
+    # Interrupted at various points: mid-way through the first file, in the big file's second read
+    # batch, near the end; and with a truncated shard in the middle.
+    for first_missing in [3, 25, len(original) - 2]:
+        for p in shard_files(tmp_path)[first_missing:]:
+            p.unlink()
+        capsys.readouterr()
+        run_fineweb(*args)
+        assert f"keeping the {first_missing} shard(s)" in capsys.readouterr().out
+        assert {p.name: p.read_bytes() for p in shard_files(tmp_path)} == original
+    broken = shard_files(tmp_path)[10]
+    broken.write_bytes(broken.read_bytes()[:-2])
+    run_fineweb(*args)
+    assert {p.name: p.read_bytes() for p in shard_files(tmp_path)} == original
+
+
+def test_fineweb_subsets(fineweb_hub, tmp_path):
+    server, stream = fineweb_hub
+    run_fineweb("--hub_url", server.url, "--shard_size", "1000", "--max_tokens", "2500",
+                "--data_dir", str(tmp_path / "a"))
+    shards = [read_shard_by_hand(p) for p in shard_files(tmp_path / "a")]
+    assert [len(s) for s in shards] == [1000, 1000, 500]
+    np.testing.assert_array_equal(np.concatenate(shards), stream[:2500])
+    # Files are downloaded as the tokenizer reaches them (it reads a little ahead): the last is never needed.
+    assert not (tmp_path / "a" / "parquet" / "002_00000.parquet").exists()
+    # Complete: a re-run needs no network at all.
+    run_fineweb("--hub_url", closed_port_url(), "--shard_size", "1000", "--max_tokens", "2500",
+                "--data_dir", str(tmp_path / "a"))
+
+    run_fineweb("--hub_url", server.url, "--shard_size", "1000", "--shards", "2", "--data_dir", str(tmp_path / "b"))
+    assert [p.name for p in shard_files(tmp_path / "b")] == expected_names(3)
+    # Asking for less than is there would leave extra shards that training would read: refused.
+    with pytest.raises(common.PrepareError, match=r"also fineweb_train_000002\.bin, left from an earlier"):
+        run_fineweb("--hub_url", server.url, "--shard_size", "1000", "--shards", "1", "--data_dir", str(tmp_path / "b"))
+
+
+def test_fineweb_errors(fineweb_hub, tmp_path):
+    server, stream = fineweb_hub
+    name = FINEWEB_FILES + "sample/10BT/000_00000.parquet"
+    good = server.files[name]
+    server.files[name] = good[:-1] + b"X"  # same size, wrong sha256
+    with pytest.raises(common.PrepareError, match=r"000_00000\.parquet is corrupt: its sha256"):
+        run_fineweb("--hub_url", server.url, "--shard_size", "1000", "--data_dir", str(tmp_path / "a"))
+    server.files[name] = good
+    with pytest.raises(common.PrepareError, match="only 1 shard"):
+        run_fineweb("--hub_url", server.url, "--shard_size", str(len(stream)), "--data_dir", str(tmp_path / "b"))
+    # Shards made from other data are not continued.
+    import data
+    (tmp_path / "c").mkdir()
+    data.write_shard(tmp_path / "c" / "fineweb_val_000000.bin", np.full(1000, 7))
+    with pytest.raises(common.PrepareError, match="do not match the documents"):
+        run_fineweb("--hub_url", server.url, "--shard_size", "1000", "--data_dir", str(tmp_path / "c"))
+    with pytest.raises(common.PrepareError, match=r"Could not list the files.*--hub_url"):
+        run_fineweb("--hub_url", closed_port_url(), "--data_dir", str(tmp_path / "d"))
