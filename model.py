@@ -333,23 +333,29 @@ class GPT(nn.Module):
         top_p: float | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        refill: int | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield max_new_tokens next tokens (B, 1), one at a time, continuing idx (B, T).
 
         Each token is conditioned on the last block_size tokens, as in nanoGPT. With the KV cache the prompt
         is run once and then each step runs only the newest token. Once the sequence is longer than
         block_size, every position's embedding shifts with the window, so the cache cannot be reused and
-        each step runs the whole window again: exactly what happens without the cache.
+        each step runs the whole window again: exactly what happens without the cache. `refill=N` trades
+        that exactness for speed: when the window is full, restart the cache from the last N tokens and
+        decode one token per step again until it fills, so each token sees between N and block_size tokens.
         """
         block_size = self.config.block_size
+        if refill is not None and not 0 < refill < block_size:
+            raise ValueError(f"refill must be between 1 and block_size - 1 ({block_size - 1}), got {refill}")
         cache = KVCache(self.config) if use_cache else None
         for _ in range(max_new_tokens):
             if cache is not None and 0 < cache.length < block_size:
                 logits, _ = self(idx[:, -1:], cache=cache)
             else:
+                context = block_size if cache is None or cache.length == 0 or refill is None else refill
                 if cache is not None:
                     cache.length = 0
-                logits, _ = self(idx[:, -block_size:], cache=cache)
+                logits, _ = self(idx[:, -context:], cache=cache)
             idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next

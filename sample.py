@@ -32,6 +32,7 @@ device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto', 'float32', 'bfloat16' or 'float16'
 compile: bool | str = False  # torch.compile the model (faster sampling after a slow first step)
 kv_cache = True  # run the prompt once and then one token per step
+kv_refill: int | None = None  # past block_size, restart the cache from the last N tokens (faster, inexact)
 stream = False  # print tokens as they are generated
 stop_at_eot = False  # end a sample at GPT-2's <|endoftext|> token
 attn_impl = "auto"
@@ -98,7 +99,7 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], batch
     idx = torch.tensor(prompt_ids, dtype=torch.long, device=device).expand(batch, -1)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     rows = [[] for _ in range(batch)]
-    stream_kwargs = dict(top_p=top_p, use_cache=kv_cache)
+    stream_kwargs = dict(top_p=top_p, use_cache=kv_cache, refill=kv_refill)
     for token in model.generate_stream(idx, max_new_tokens, temperature, top_k, **stream_kwargs):
         token = token.squeeze(1)
         if stop_at_eot and tokenizer.eot is not None:

@@ -194,3 +194,23 @@ def test_checkpoint_keeps_gpt2_tanh_gelu():
     assert gelu_approximate(model_from_checkpoint(checkpoint)) == "tanh"
     del checkpoint["gelu_approximate"]  # nanoGPT's checkpoints: exact GELU
     assert gelu_approximate(model_from_checkpoint(checkpoint)) == "none"
+
+
+def test_kv_cache_refill_conditions_on_the_kept_window(monkeypatch):
+    """With refill=N, once the window is full the cache restarts from the last N tokens and grows again:
+    each step's logits are a no-cache forward over exactly that window."""
+    import model as model_module
+
+    seen_logits = []
+    real_sampler = model_module.sample_next_token
+    monkeypatch.setattr(model_module, "sample_next_token", lambda logits, *a: seen_logits.append(logits) or real_sampler(logits, *a))
+    model = tiny_model().eval()
+    prompt = torch.randint(0, TINY.vocab_size, (2, 30))
+    out = model.generate(prompt, 20, temperature=0, refill=8)
+    for step, length in enumerate(range(30, 50)):
+        # up to length 32 the window is the whole sequence; at 33 it restarts from tokens 25.. and grows
+        start = 0 if length <= TINY.block_size else 25
+        expected = model(out[:, start:length])[0][:, -1]
+        torch.testing.assert_close(seen_logits[step], expected, atol=1e-5, rtol=1e-5, msg=f"length {length}")
+    with pytest.raises(ValueError, match="refill must be between 1 and block_size - 1"):
+        list(model.generate_stream(prompt, 1, refill=32))
