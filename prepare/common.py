@@ -127,7 +127,8 @@ def download(url: str, dest: str | Path, sha256: str | None = None, size: int | 
     Bytes stream into dest + ".part", which a later attempt or run continues with an HTTP Range
     request. Failed attempts are retried with exponential backoff; an attempt that got some bytes
     resets the count, so a slow flaky connection still finishes. dest appears only after the size
-    and sha256 (when given) match, so its existence means it is good.
+    and sha256 (when given) match, so its existence means it is good. `hint` ends every error message
+    with the caller's other ways to get the file (", or set X to a mirror").
     """
     dest = Path(dest)
     if _check_existing(dest, sha256, size):

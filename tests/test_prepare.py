@@ -447,3 +447,10 @@ def test_fineweb_errors(fineweb_hub, tmp_path):
         run_fineweb("--hub_url", server.url, "--shard_size", "1000", "--data_dir", str(tmp_path / "c"))
     with pytest.raises(common.PrepareError, match=r"Could not list the files.*--hub_url"):
         run_fineweb("--hub_url", closed_port_url(), "--data_dir", str(tmp_path / "d"))
+
+
+def test_fineweb_without_pyarrow_says_how_to_install_it(monkeypatch, tmp_path):
+    from prepare import fineweb
+    monkeypatch.setattr(fineweb, "pq", None)
+    with pytest.raises(common.PrepareError, match="pip install pyarrow"):
+        fineweb.main(["--data_dir", str(tmp_path)])
