@@ -79,7 +79,8 @@ def help_text(script: str, defaults: dict, annotations: dict) -> str:
     lines = [
         f"usage: python {script} [config/file.py ...] [--key=value ...]",
         "",
-        "Config files are Python files that assign keys; --key=value overrides them. Keys and defaults:",
+        "Config files are Python files that assign keys; --key=value overrides them. Keys and values",
+        "(the defaults, after any config files and overrides given before --help):",
     ]
     for key, default in defaults.items():
         kind = type_name(allowed_types(key, default, annotations))
@@ -125,13 +126,14 @@ def configure(namespace: dict, argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     defaults = config_keys(namespace)
     annotations = namespace.get("__annotations__", {})
-    if "--help" in argv or "-h" in argv:
-        print(help_text(Path(sys.argv[0]).name, defaults, annotations))
-        sys.exit(0)
+    help_flags = [arg for arg in argv if arg in ("--help", "-h")]
     try:
-        config = parse_args(argv, defaults, annotations)
+        config = parse_args([arg for arg in argv if arg not in help_flags], defaults, annotations)
     except ConfigError as error:
         sys.exit(f"error: {error}")
+    if help_flags:  # after the other arguments, so `train.py config/x.py --help` shows that config's values
+        print(help_text(Path(sys.argv[0]).name, config, annotations))
+        sys.exit(0)
     for arg in argv:
         if not arg.startswith("--"):
             print(f"Overriding config with {arg}")
