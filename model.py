@@ -9,15 +9,17 @@ and dtype) and PyTorch's otherwise.
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch.nn import functional as F
+
+from data import atomic_open
 
 ATTN_IMPLS = ("auto", "eager", "sdpa", "triton")
 LN_IMPLS = ("auto", "torch", "triton")
@@ -472,10 +474,9 @@ def gpu_peak_flops(device: str, dtype: str) -> float | None:
 #
 # One difference in the math: GPT-2's MLP uses the tanh approximation of GELU ("gelu_new"), nanoGPT the
 # exact one. Even a randomly initialized GPT-2 (124M) has logits ~1e-3 apart under the two, so a model
-# loaded from HF weights runs its GELUs with approximate="tanh" and matches HF's logits. Like attn_impl,
-# this is a run-time setting of the modules (set_gelu_approximate), not a GPTConfig field, so checkpoints
-# keep nanoGPT's model_args; a model rebuilt from a checkpoint (resume, sample) runs the exact GELU again,
-# as nanoGPT always does.
+# loaded from HF weights runs its GELUs with approximate="tanh" and matches HF's logits. This is a setting
+# of the modules (set_gelu_approximate), not a GPTConfig field, so checkpoints keep nanoGPT's model_args;
+# train.py records it under a key of its own, which nanoGPT ignores.
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M and 1558M parameters
 HF_ENDPOINT = "https://huggingface.co"
@@ -699,19 +700,10 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """write() to a temporary name, then rename: readers see the old file or the new one, never a torn one."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_hf_gpt2(model: GPT, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = hf_state_dict(model)
-    write_atomically(directory / HF_SAFETENSORS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    config = json.dumps(hf_config(model), indent=2) + "\n"
-    write_atomically(directory / HF_CONFIG, lambda tmp: tmp.write_text(config))
+    # each file goes to a temporary name first: readers see the old file or the new one, never a torn one
+    with atomic_open(directory / HF_SAFETENSORS) as f:
+        f.write(safetensors_bytes(hf_state_dict(model), metadata={"format": "pt"}))
+    with atomic_open(directory / HF_CONFIG) as f:
+        f.write((json.dumps(hf_config(model), indent=2) + "\n").encode())
