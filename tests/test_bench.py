@@ -1,0 +1,178 @@
+"""bench/: the FLOP and byte counts, the shared helpers, and each script end to end with --quick (CPU here;
+the test marked gpu also runs the Triton rows)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import attn, common, layernorm, sample
+from bench import train as train_bench
+from conftest import HAS_CUDA, REPO
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+ENV_KEYS = {"gpu", "torch", "triton", "cuda", "cpu", "cpu_cores", "date", "command", "git_commit"}
+# script -> (table columns, rows of a --quick run on CPU)
+SCRIPTS = {
+    "attn": (["impl", "mode", "causal", "B", "T", "H", "D", "ms", "TFLOPS", "peak_MiB", "vs_sdpa", "vs_eager",
+              "mem_vs_eager", "note"], 2 * 3 * 2 * 3),  # eager, sdpa x modes x causal or not x (4, 32), (2, 64), (1, 64)
+    "layernorm": (["impl", "mode", "M", "N", "ms", "GB_s", "pct_copy", "vs_torch", "vs_compile", "note"], 1 * 3 * 2),
+    "train": (["model", "impl", "compile", "B", "T", "ms", "tok_s", "MFU_pct", "peak_MiB", "vs_sdpa", "vs_eager",
+               "note"], 2),
+    "sample": (["new_tokens", "method", "exact", "s", "tok_s", "vs_nocache", "note"], 2 * 4),
+}
+
+
+def test_attention_flops_follow_flash_attentions_convention():
+    # 4 * B * H * T^2 * D = 4 * 2 * 12 * 1024^2 * 64
+    assert attn.attention_flops(2, 12, 1024, 64, False, "fwd") == 6_442_450_944
+    assert attn.attention_flops(2, 12, 1024, 64, True, "fwd") == 3_221_225_472
+    assert attn.attention_flops(2, 12, 1024, 64, True, "bwd") == 8_053_063_680  # 2.5x
+    assert attn.attention_flops(1, 6, 512, 128, False, "fwd+bwd") == 2_818_572_288  # 3.5 * 4 * 6 * 512^2 * 128
+
+
+def test_attention_shapes_keep_the_tokens_and_add_batch_1_at_the_longest_T():
+    assert attn.attention_shapes([512, 1024, 2048, 4096, 8192, 16384], 16384) == [
+        (32, 512), (16, 1024), (8, 2048), (4, 4096), (2, 8192), (1, 16384)]
+    assert attn.attention_shapes([32, 64], 128) == [(4, 32), (2, 64), (1, 64)]
+
+
+def test_layernorm_bytes_count_what_must_move():
+    # forward: x in, y out (4096 x 768 bf16 each) + weight and bias in
+    assert layernorm.layernorm_bytes(4096, 768, 2, "fwd") == 2 * 4096 * 768 * 2 + 2 * 768 * 2 == 12_585_984
+    # backward: x, dy in, dx out + weight in, dweight and dbias out
+    assert layernorm.layernorm_bytes(4096, 768, 2, "bwd") == 18_878_976
+    assert layernorm.layernorm_bytes(4096, 768, 2, "fwd+bwd") == 31_464_960
+    assert layernorm.layernorm_bytes(10, 100, 4, "fwd") == 8_800
+    assert layernorm.gb_per_s(2e9, 1000.0) == pytest.approx(2.0)
+
+
+def test_throughput_units():
+    assert train_bench.tokens_per_s(12, 1024, 100.0) == pytest.approx(122_880)
+
+
+def test_markdown_table_formats_values():
+    rows = [{"impl": "a", "ms": 0.012345, "tok_s": 123456.7, "ok": True, "note": None},
+            {"impl": "b", "ms": None, "tok_s": 12.0, "ok": False, "note": "OOM"}]
+    assert common.markdown_table(rows, ["impl", "ms", "tok_s", "ok", "note"]).splitlines() == [
+        "| impl | ms | tok_s | ok | note |",
+        "|---|---|---|---|---|",
+        "| a | 0.0123 | 123,457 | yes | - |",
+        "| b | - | 12 | no | OOM |",
+    ]
+
+
+def test_add_ratio_matches_rows_by_keys():
+    rows = [{"impl": "base", "T": 1, "ms": 4.0}, {"impl": "new", "T": 1, "ms": 2.0},
+            {"impl": "new", "T": 2, "ms": 1.0}, {"impl": "base", "T": 3, "ms": None}, {"impl": "new", "T": 3, "ms": 1.0}]
+    common.add_ratio(rows, "speedup", "ms", "base", ("T",))
+    assert [r["speedup"] for r in rows] == [1.0, 2.0, None, None, None]
+    common.add_ratio(rows, "ratio", "ms", "base", ("T",), speedup=False)
+    assert rows[1]["ratio"] == 0.5
+
+
+def raise_oom(*args, **kwargs):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+
+def test_attempt_turns_an_oom_into_a_note():
+    assert common.attempt(lambda: common.time_ms(raise_oom, "cpu", rep_ms=1.0)) == (None, "OOM")
+    assert common.attempt(lambda: 3) == (3, None)
+
+
+def test_attempt_reports_other_errors_and_fails_the_exit_status():
+    def broken():
+        raise ValueError("bad shape\nmore detail")
+
+    result, note = common.attempt(broken)
+    assert result is None and note == "error: ValueError: bad shape"
+    assert common.exit_status([{"note": "OOM"}, {"note": None}]) == 0
+    assert common.exit_status([{"note": note}]) == 1
+
+
+def test_an_oom_while_timing_is_a_table_entry():
+    calls = []
+
+    def runs_out_when_timed(q, k, v, causal):
+        calls.append(1)
+        if len(calls) > 1:  # the first call, the check, fits; the timed calls do not
+            raise_oom()
+        return attn.eager(q, k, v, causal)
+
+    impls = {"eager": attn.eager, "big": runs_out_when_timed}
+    rows = attn.bench_shape(impls, 1, 16, 2, 16, True, ["fwd"], "cpu", "float32", False, rep_ms=1.0)
+    assert [(r["impl"], r["note"]) for r in rows] == [("eager", None), ("big", "OOM")]
+    assert rows[1]["ms"] is None and rows[1]["TFLOPS"] is None and len(calls) == 2
+    table = common.markdown_table(rows, attn.COLUMNS)
+    assert table.splitlines()[-1].startswith("| big | fwd | yes | 1 | 16 | 2 | 16 | - | - |")
+    assert table.endswith("| OOM |")
+    assert common.exit_status(rows) == 0
+
+
+def test_outputs_are_checked_before_timing():
+    def wrong(q, k, v, causal):
+        return attn.eager(q, k, v, causal) * 1.01
+
+    rows = attn.bench_shape({"wrong": wrong}, 1, 16, 2, 16, False, ["fwd", "fwd+bwd"], "cpu", "float32", False, rep_ms=1.0)
+    assert all(r["note"].startswith("MISMATCH") and r["ms"] is not None for r in rows)
+    assert common.exit_status(rows) == 1
+    ln_rows = layernorm.bench_width({"torch": lambda: layernorm.torch_layer_norm}, 8, 32, ["bwd"], "cpu", "float32",
+                                    copy_gbs=10.0, rep_ms=1.0)
+    assert ln_rows[0]["note"] is None and ln_rows[0]["error"] < 1e-5
+
+
+def test_sample_exactness():
+    assert sample.is_exact(dict(use_cache=True), 1000, 256)
+    assert sample.is_exact(dict(use_cache=True, refill=128), 250, 256)  # never outgrows the block
+    assert not sample.is_exact(dict(use_cache=True, refill=128), 1000, 256)
+
+
+def run_script(name, tmp_path, *args):
+    # One thread: on a shared CPU, torch's thread pool waiting on a busy core makes tiny runs crawl.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "bench" / f"{name}.py"), "--quick", "--out", str(tmp_path), *args]
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def table_rows(text, columns):
+    lines = text.splitlines()
+    start = lines.index("| " + " | ".join(columns) + " |")
+    return [line for line in lines[start + 2:] if line.startswith("| ")]
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_script_runs_quick_and_writes_results(name, tmp_path):
+    columns, n_rows = SCRIPTS[name]
+    out = run_script(name, tmp_path)
+    printed = table_rows(out.stdout, columns)  # raises if the header is missing
+    assert all(line.count(" | ") == len(columns) - 1 for line in printed)
+    assert table_rows((tmp_path / f"{name}.md").read_text(), columns) == printed
+    record = json.loads((tmp_path / f"{name}.json").read_text())
+    assert ENV_KEYS <= set(record["environment"])
+    assert record["environment"]["torch"] == torch.__version__
+    assert record["columns"] == columns and len(record["rows"]) == len(printed)
+    assert (tmp_path / f"{name}.png").exists() == HAS_MATPLOTLIB
+    if not HAS_CUDA:
+        assert len(printed) == n_rows
+        assert all(row["note"] is None for row in record["rows"])
+        if name != "sample":
+            assert "triton: not run; the Triton kernels need a CUDA GPU" in out.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, args", [("attn", ["--head_dim", "64", "128"]),
+                                        ("layernorm", ["--impl", "triton", "torch", "torch.compile"]),
+                                        ("train", ["--compile", "both"]), ("sample", [])])
+def test_script_runs_the_triton_rows_on_gpu(name, args, tmp_path):
+    run_script(name, tmp_path, *args)
+    record = json.loads((tmp_path / f"{name}.json").read_text())
+    assert record["environment"]["gpu"]
+    assert all(row["note"] is None for row in record["rows"]), record["rows"]
+    if name != "sample":
+        triton_rows = [row for row in record["rows"] if row["impl"] == "triton"]
+        assert triton_rows and all(row["ms"] for row in triton_rows)
