@@ -47,14 +47,15 @@ def synchronize(device: str) -> None:
         torch.mps.synchronize()
 
 
-def wall_ms(fn: Callable[[], object], device: str, runs: int, warmup: int = 1) -> float:
+def wall_ms(fn: Callable[[], object], device: str, runs: int, warmup: int = 1, budget_s: float = math.inf) -> float:
     """Median wall-clock milliseconds of fn over `runs` calls after `warmup` untimed ones, waiting for the
-    device around each call. For whole loops (a training step, a generation) whose Python overhead is
-    part of the answer, and for every timing on CPU."""
+    device around each call; fewer runs (one at least) once the timed ones have taken budget_s. For whole
+    loops (a training step, a generation) whose Python overhead is part of the answer, and for every
+    timing on CPU."""
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(runs):
+    while len(times) < runs and (not times or sum(times) < budget_s):
         synchronize(device)
         start = time.perf_counter()
         fn()

@@ -54,6 +54,13 @@ def test_throughput_units():
     assert train_bench.tokens_per_s(12, 1024, 100.0) == pytest.approx(122_880)
 
 
+def test_wall_ms_runs_fewer_times_past_its_budget():
+    calls = []
+    assert common.wall_ms(lambda: calls.append(1), "cpu", runs=4, warmup=1) >= 0 and len(calls) == 5
+    common.wall_ms(lambda: calls.append(1), "cpu", runs=4, warmup=1, budget_s=0.0)
+    assert len(calls) == 5 + 2  # the warm-up, then one timed call
+
+
 def test_markdown_table_formats_values():
     rows = [{"impl": "a", "ms": 0.012345, "tok_s": 123456.7, "ok": True, "note": None},
             {"impl": "b", "ms": None, "tok_s": 12.0, "ok": False, "note": "OOM"}]
