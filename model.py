@@ -353,11 +353,12 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if cache is not None and 0 < cache.length < block_size:
                 logits, _ = self(idx[:, -1:], cache=cache)
-            else:
-                context = block_size if cache is None or cache.length == 0 or refill is None else refill
-                if cache is not None:
-                    cache.length = 0
+            elif cache is not None and (cache.length == 0 or refill is not None):
+                context = block_size if cache.length == 0 else refill
+                cache.length = 0
                 logits, _ = self(idx[:, -context:], cache=cache)
+            else:  # no cache, or an exact one past block_size, where what it would store is never reused
+                logits, _ = self(idx[:, -block_size:])
             idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next
@@ -448,6 +449,7 @@ GPU_PEAK_FLOPS = (
     ("GH200", 989e12),
     ("A100", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),
     ("L4", 121e12),
     ("V100", 125e12),
     ("T4", 65e12),
