@@ -7,25 +7,47 @@ or with DDP on several GPUs of one node (or several CPU processes, with gloo),
 
 $ torchrun --standalone --nproc_per_node=8 train.py config/shakespeare.py
 
-and across nodes (run on each, with the master's address):
+or with FSDP2, which shards the parameters, gradients and optimizer state across the GPUs, for models whose
+training state does not fit on one (e.g. finetuning gpt2-xl),
 
-$ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py
+$ torchrun --standalone --nproc_per_node=8 train.py config/finetune_shakespeare.py --parallel=fsdp
 
-The config keys, defaults, command lines, data files and checkpoints are nanoGPT's.
+and across nodes (the same command on each; the rendezvous endpoint is a host:port of the first node):
+
+$ torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.1:29500 --rdzv-id=run1 train.py
+
+FSDP checkpoints are sharded (out_dir/ckpt_dcp/); this writes the latest as one out_dir/ckpt.pt in nanoGPT's
+format, for sample.py or for resuming without FSDP:
+
+$ python train.py --out_dir=out --consolidate=True
+
+Under `torchrun --max-restarts=N`, restarted workers resume from the latest checkpoint by themselves.
+docs/scaling.md has the details. The config keys, defaults, command lines, data files and checkpoints are nanoGPT's.
 """
+import gc
 import json
 import math
 import os
+import shutil
 import time
+import warnings
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed import destroy_process_group, init_process_group
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+try:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:  # torch 2.5 has FSDP2 under its first name
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
 from configurator import autocast, configure, resolve_compile, resolve_device, resolve_dtype
 from data import TokenSplit, atomic_open, load_meta
-from model import GPT, GPTConfig, gelu_approximate, gpu_peak_flops, model_from_checkpoint
+from model import GPT, GPTConfig, gelu_approximate, gpu_peak_flops, model_from_checkpoint, set_gelu_approximate
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on OpenWebText, as in nanoGPT
@@ -37,6 +59,7 @@ eval_iters = 200
 eval_only = False  # if True, exit right after the first eval
 always_save_checkpoint = True  # if True, save a checkpoint after every eval, not only on a new best
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir), a GPT-2 name ('gpt2', 'gpt2-xl') or an HF model dir
+consolidate = False  # if True, write out_dir/ckpt.pt from the sharded out_dir/ckpt_dcp of an fsdp run, and exit
 # wandb logging
 wandb_log = False
 wandb_project = "owt"
@@ -69,6 +92,7 @@ lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
 min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
 # system
 backend = "nccl"  # 'nccl', 'gloo', etc.; CPU runs always use gloo
+parallel = "ddp"  # under torchrun: 'ddp' (a model replica per process) or 'fsdp' (the model sharded across them)
 device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto', 'float32', 'bfloat16' or 'float16' (the latter with a GradScaler)
 compile: bool | str = "auto"  # torch.compile the model; 'auto' compiles on CUDA only
@@ -110,25 +134,31 @@ def get_batch(split: str, *seed_parts: int):
 
 @torch.no_grad()
 def estimate_loss() -> dict[str, float]:
-    """Mean loss over eval_iters batches of each split; the same batches at every eval, so evals compare."""
+    """Mean loss over eval_iters batches of each split; the same batches at every eval, so evals compare.
+    Each rank evaluates its share of the batches; gathering every batch's loss, rather than summing partial
+    means, makes the result the very number one process computes."""
     model.eval()
     out = {}
+    per_rank = math.ceil(eval_iters / ddp_world_size)
     for split_index, split in enumerate(("train", "val")):
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
+        losses = torch.zeros(per_rank * ddp_world_size, device=device)
+        # the last rank may run past eval_iters: FSDP needs every rank in every forward; the extra is dropped
+        for k in range(ddp_rank * per_rank, (ddp_rank + 1) * per_rank):
             x, y = get_batch(split, seed, 1 + split_index, k)
             with ctx:
                 _, loss = model(x, y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
+            losses[k] = loss
+        if ddp:
+            torch.distributed.all_reduce(losses)  # each slot is nonzero on one rank only: the sum is exact
+        out[split] = losses[:eval_iters].mean().item()
     model.train()
     return out
 
 
 def stop_diverged(what: str) -> None:
     raise SystemExit(
-        f"error: {what}: training diverged. Nothing more is saved, so {out_dir}/ckpt.pt keeps the last good "
-        "weights; lower learning_rate, raise warmup_iters or set grad_clip, then continue with --init_from=resume."
+        f"error: {what}: training diverged. Nothing more is saved, so {dcp_dir if fsdp else ckpt_path} keeps the last "
+        "good weights; lower learning_rate, raise warmup_iters or set grad_clip, then continue with --init_from=resume."
     )
 
 
@@ -143,9 +173,109 @@ def format_eta(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
+def shard_model(model: GPT) -> None:
+    """FSDP2: shard each block's parameters (so its gradients and optimizer state too) across the ranks,
+    then the rest at the root; a block's are all-gathered only while it computes. Under bf16/fp16 they are
+    gathered in that dtype and the gradients reduced in fp32."""
+    mesh = init_device_mesh(device_type, (ddp_world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: out_dir/ckpt.pt, one file (one process, DDP), or out_dir/ckpt_dcp/, one file per rank (FSDP)
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+dcp_dir = os.path.join(out_dir, "ckpt_dcp")
+TRAIN_STATE = "train_state.pt"  # in ckpt_dcp/: what ckpt.pt holds besides the model and optimizer
+
+
+def sharded_checkpoint() -> str | None:
+    """ckpt_dcp, or the previous one where a save died between its two renames."""
+    return next((path for path in (dcp_dir, dcp_dir + ".old") if os.path.isdir(path)), None)
+
+
+def load_sharded(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a sharded checkpoint into a model and its optimizer, sharded or not: DCP reads whatever part
+    of each tensor they hold, whatever the number of processes that saved it."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def save_sharded(train_state: dict) -> None:
+    """Every rank writes its shards into ckpt_dcp.tmp; then rank 0 swaps it in for ckpt_dcp, so the old
+    checkpoint stays whole until the new one is (out_dir must be shared by the nodes)."""
+    tmp, old = dcp_dir + ".tmp", dcp_dir + ".old"
+    if master_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+    torch.distributed.barrier()
+    model_state, optim_state = get_state_dict(raw_model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    if master_process:
+        torch.save(train_state, os.path.join(tmp, TRAIN_STATE))
+        # a directory cannot be renamed over another, hence two renames
+        if os.path.isdir(dcp_dir):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dcp_dir, old)
+        os.replace(tmp, dcp_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def consolidate_checkpoint() -> None:
+    """ckpt_dcp -> ckpt.pt: load the shards into one plain model and optimizer on the CPU and save them
+    in nanoGPT's format, which sample.py, nanoGPT and a DDP or one-process resume read."""
+    path = sharded_checkpoint()
+    if path is None:
+        raise SystemExit(f"error: --consolidate=True reads the sharded checkpoint of an fsdp run, {dcp_dir}: not found")
+    state = torch.load(os.path.join(path, TRAIN_STATE), map_location="cpu", weights_only=False)
+    model = GPT(GPTConfig(**state["model_args"]))
+    # the hyperparameters are placeholders: the checkpoint's param_groups replace them
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), "cpu")
+    with warnings.catch_warnings():  # DCP warns that it loads in a single process: the very point here
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        load_sharded(path, model, optimizer)
+    with atomic_open(ckpt_path) as f:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state}, f)
+    print(f"wrote {ckpt_path} from {path} (iter {state['iter_num']})")
+
+
+def read_checkpoint() -> tuple[str, dict]:
+    """Where to resume from, and the training state there: all of ckpt.pt, or for fsdp ckpt_dcp's
+    train_state.pt (its shards load once the model is sharded)."""
+    if fsdp:
+        path = sharded_checkpoint()
+    else:
+        path = ckpt_path if os.path.exists(ckpt_path) else None
+    if path is None:
+        hint = "train with init_from='scratch' first"
+        if fsdp and os.path.exists(ckpt_path):
+            hint = f"{ckpt_path} cannot be loaded sharded: resume it with --parallel=ddp"
+        elif not fsdp and sharded_checkpoint():
+            hint = f"resume {dcp_dir} with --parallel=fsdp, or make a ckpt.pt of it with --consolidate=True"
+        raise SystemExit(f"error: init_from='resume' but {dcp_dir if fsdp else ckpt_path} does not exist; {hint}")
+    return path, torch.load(os.path.join(path, TRAIN_STATE) if fsdp else path, map_location="cpu", weights_only=False)
+
+
+if consolidate:
+    consolidate_checkpoint()
+    raise SystemExit
+
+
 # -----------------------------------------------------------------------------
 # processes and devices
 ddp = int(os.environ.get("RANK", -1)) != -1  # is this a torchrun run?
+if parallel not in ("ddp", "fsdp"):
+    raise SystemExit(f"error: parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+if parallel == "fsdp" and not ddp:
+    raise SystemExit(
+        "error: --parallel=fsdp shards the model across processes; run under torchrun, e.g. "
+        "torchrun --standalone --nproc_per_node=8 train.py ... --parallel=fsdp"
+    )
+fsdp = parallel == "fsdp"
+restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # torchrun's restarts after failures
 device = resolve_device(device)
 if ddp:
     ddp_rank = int(os.environ["RANK"])
@@ -155,7 +285,12 @@ if ddp:
         device = f"cuda:{ddp_local_rank}"
         torch.cuda.set_device(device)
     init_process_group(backend=backend if device.startswith("cuda") else "gloo")
-    master_process = ddp_rank == 0  # logs, evaluates and saves
+    # torchrun counts restarts per node, and one whose workers were restarted because another node's failed
+    # may count none: restarted anywhere is restarted everywhere
+    restarts = torch.tensor(restart_count, device=device)
+    torch.distributed.all_reduce(restarts, op=torch.distributed.ReduceOp.MAX)
+    restart_count = int(restarts)
+    master_process = ddp_rank == 0  # prints, logs and writes ckpt.pt
     if gradient_accumulation_steps % ddp_world_size != 0:
         raise SystemExit(
             f"error: gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
@@ -174,7 +309,6 @@ if master_process:
     os.makedirs(out_dir, exist_ok=True)
     print(f"device {device}, dtype {dtype}, compile {compile}, {ddp_world_size} process(es)")
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
-torch.manual_seed(seed + ddp_rank)  # dropout differs per rank; DDP broadcasts rank 0's initial weights
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 ctx = autocast(device, dtype)
@@ -191,20 +325,28 @@ iter_num = 0
 best_val_loss = 1e9
 checkpoint = None
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias, vocab_size=None, dropout=dropout)
+if restart_count > 0 and (sharded_checkpoint() if fsdp else os.path.exists(ckpt_path)):
+    init_from = "resume"  # torchrun restarted the workers after a failure: carry on from the last checkpoint
+torch.manual_seed(seed)  # the same initial weights on every rank: FSDP shards them where they are
 if init_from == "scratch":
     model_args["vocab_size"] = meta_vocab_size if meta_vocab_size is not None else 50304
     model = GPT(GPTConfig(**model_args), attn_impl, ln_impl)
 elif init_from == "resume":
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f"error: init_from='resume' but {ckpt_path} does not exist; train with init_from='scratch' first")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    resume_path, checkpoint = read_checkpoint()
     # the architecture comes from the checkpoint; dropout may be changed on resume
     for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"):
         model_args[k] = checkpoint["model_args"][k]
-    model = model_from_checkpoint({**checkpoint, "model_args": model_args}, attn_impl, ln_impl)
+    if fsdp:
+        model = GPT(GPTConfig(**model_args), attn_impl, ln_impl)  # its weights load once sharded
+        set_gelu_approximate(model, checkpoint["gelu_approximate"])
+    else:
+        model = model_from_checkpoint({**checkpoint, "model_args": model_args}, attn_impl, ln_impl)
     iter_num = checkpoint["iter_num"]
     best_val_loss = checkpoint["best_val_loss"]
+    if master_process:
+        # after an elastic restart, the iterations since the checkpoint run (and are logged) again
+        print(f"resuming from {resume_path} at iter {iter_num}" + (f", restart {restart_count}" if restart_count else ""))
+        log_metrics({"iter": iter_num, "event": "resume", "restart": restart_count})
 else:
     model = GPT.from_pretrained(init_from, dict(dropout=dropout), attn_impl=attn_impl, ln_impl=ln_impl)
     for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"):
@@ -215,14 +357,21 @@ if block_size < model.config.block_size:
 elif block_size > model.config.block_size:
     raise SystemExit(f"error: block_size={block_size} is larger than the model's {model.config.block_size}")
 model.to(device)
+if ddp:
+    torch.manual_seed(seed + ddp_rank)  # dropout differs per rank
 
 splits = {split: TokenSplit(data_dir, split, dataset, model_args["vocab_size"]) for split in ("train", "val")}
 
+if fsdp:
+    shard_model(model)
 # fp16 needs loss scaling to keep small gradients from underflowing; elsewhere the scaler is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    if fsdp:
+        load_sharded(resume_path, model, optimizer)
+    else:
+        optimizer.load_state_dict(checkpoint["optimizer"])
     if "scaler" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler"])
     rng = checkpoint.get("rng")
@@ -232,18 +381,31 @@ if checkpoint is not None:
             torch.cuda.set_rng_state(rng["cuda"][ddp_rank], device)
 checkpoint = None  # free the memory
 
-raw_model = model  # the plain module: what gets saved, and what estimate_mfu is asked
+raw_model = model  # without the compile and DDP wrappers: what gets saved, and what estimate_mfu is asked
 if compile:
     if master_process:
         print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)
-if ddp:
+if ddp and not fsdp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
 
 if wandb_log and master_process:
     import wandb
 
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+
+def save_checkpoint() -> None:
+    """Every rank takes part: the RNG states are gathered from all, and under FSDP each writes its shards."""
+    state = {"model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
+             "scaler": scaler.state_dict(), "rng": gather_rng_states(), "gelu_approximate": gelu_approximate(raw_model)}
+    if fsdp:
+        save_sharded(state)
+    elif master_process:
+        # a temp file renamed over the old one: a run killed at any moment leaves either the
+        # old checkpoint or the new one, never a torn file
+        with atomic_open(ckpt_path) as f:
+            torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), **state}, f)
 
 
 def gather_rng_states() -> dict:
@@ -274,46 +436,35 @@ while True:
         param_group["lr"] = lr
 
     if iter_num % eval_interval == 0 or eval_only:
-        # every rank takes part in gathering the RNG states; nothing is saved before the first step
-        rng_states = gather_rng_states() if iter_num > 0 and not eval_only else None
+        losses = estimate_loss()  # on every rank, so each knows whether to save
         if master_process:
-            losses = estimate_loss()
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             log_metrics({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
             if wandb_log:
                 wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
-            if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
-                stop_diverged(f"the eval loss is {losses['val']} at step {iter_num}")
-            improved = losses["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, losses["val"])
-            if (improved or always_save_checkpoint) and rng_states is not None:
-                ckpt_path = os.path.join(out_dir, "ckpt.pt")
-                print(f"saving checkpoint to {out_dir}")
-                state = {
-                    "model": raw_model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "model_args": model_args,
-                    "iter_num": iter_num,
-                    "best_val_loss": best_val_loss,
-                    "config": config,
-                    "scaler": scaler.state_dict(),
-                    "rng": rng_states,
-                    "gelu_approximate": gelu_approximate(raw_model),
-                }
-                # a temp file renamed over the old one: a run killed at any moment leaves either the
-                # old checkpoint or the new one, never a torn file
-                with atomic_open(ckpt_path) as f:
-                    torch.save(state, f)
+        if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
+            stop_diverged(f"the eval loss is {losses['val']} at step {iter_num}")
+        improved = losses["val"] < best_val_loss
+        best_val_loss = min(best_val_loss, losses["val"])
+        # nothing is saved before the first step
+        if (improved or always_save_checkpoint) and iter_num > 0 and not eval_only:
+            if master_process:
+                print(f"saving checkpoint to {dcp_dir if fsdp else out_dir}")
+            save_checkpoint()
     if eval_only:
         break
+    if iter_num == int(os.environ.get("TRITONGPT_TEST_CRASH_AT_ITER", "-1")) and ddp_rank == 1 and restart_count == 0:
+        os._exit(1)  # test-only: a worker dying, for tests/test_distributed.py's elastic restart test
 
     # forward backward update, with gradient accumulation to simulate a larger batch
     loss_sum = torch.zeros((), device=device)
     first_micro = ddp_rank * gradient_accumulation_steps
     x, y = get_batch("train", seed, 0, iter_num, first_micro)
     for micro_step in range(gradient_accumulation_steps):
-        if ddp:
-            # all-reduce the gradients only on the last micro-step; the others just accumulate locally
+        # reduce the gradients only on the last micro-step; the others just accumulate locally
+        if fsdp:
+            raw_model.set_requires_gradient_sync(micro_step == gradient_accumulation_steps - 1)
+        elif ddp:
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
         with ctx:
             _, loss = model(x, y)
@@ -360,5 +511,11 @@ while True:
     if iter_num > max_iters:
         break
 
+if fsdp and master_process:
+    print(f"for sample.py, make a ckpt.pt of {dcp_dir}: python train.py --out_dir={out_dir} --consolidate=True")
 if ddp:
+    # free FSDP's state while Python still runs: gloo work objects it holds can abort the process if
+    # destroyed during interpreter shutdown (seen on CPU with torch 2.13, one exit in ~15)
+    del model, raw_model, optimizer
+    gc.collect()
     destroy_process_group()
