@@ -439,6 +439,8 @@ while True:
         losses = estimate_loss()  # on every rank, so each knows whether to save
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if eval_only:
+                print(f"val perplexity {math.exp(losses['val']):.2f}")
             log_metrics({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
             if wandb_log:
                 wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})

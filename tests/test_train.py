@@ -1,5 +1,6 @@
 """train.py end to end on CPU: resume, checkpoints, divergence, data errors and DDP under torchrun."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -128,3 +129,11 @@ def test_torchrun_two_processes_match_one_process(workdir):
     assert ddp_vals == pytest.approx(single_vals, abs=1e-5)
     bad = run_train(workdir, "--max_iters=1", "--gradient_accumulation_steps=3", "--out_dir=bad", launcher=torchrun, env=env, check=False)
     assert bad.returncode != 0 and "not divisible by the 2 processes" in bad.stderr
+
+
+def test_eval_only_prints_loss_and_perplexity(workdir):
+    result = run_train(workdir, "--out_dir=evalonly", "--eval_only=True", "--max_iters=100")
+    val = float(result.stdout.split("val loss ")[1].split()[0])
+    perplexity = float(result.stdout.split("val perplexity ")[1].split()[0])
+    assert perplexity == pytest.approx(math.exp(val), rel=1e-3)
+    assert "iter 0:" not in result.stdout  # no training step
