@@ -71,6 +71,11 @@ def load_model() -> tuple[GPT, Tokenizer]:
         return GPT.from_pretrained(init_from, attn_impl=attn_impl, ln_impl=ln_impl), gpt2_tokenizer()
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(ckpt_path):
+        if os.path.isdir(os.path.join(out_dir, "ckpt_dcp")):
+            raise SystemExit(
+                f"error: {out_dir} holds a sharded FSDP checkpoint; make it one file first: "
+                f"python train.py --out_dir={out_dir} --consolidate=True"
+            )
         raise SystemExit(f"error: no checkpoint at {ckpt_path}; train one first (python train.py ...) or set --out_dir")
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     model = model_from_checkpoint(checkpoint, attn_impl, ln_impl)

@@ -71,6 +71,9 @@ def test_prompt_errors(char_run):
     assert out.returncode != 0 and "nope.txt not found" in out.stderr
     out = run_sample(char_run, "--out_dir=missing", check=False)
     assert out.returncode != 0 and "no checkpoint at missing/ckpt.pt" in out.stderr
+    (char_run / "sharded" / "ckpt_dcp").mkdir(parents=True)
+    out = run_sample(char_run, "--out_dir=sharded", check=False)
+    assert out.returncode != 0 and "--consolidate=True" in out.stderr
 
 
 def test_gpt2_bpe_and_stop_at_eot(tmp_path):
