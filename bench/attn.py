@@ -106,25 +106,6 @@ def reference(q, k, v, grad_out, causal: bool):
     return out.detach(), grads
 
 
-def mode_call(fn, inputs: tuple, grad_out: torch.Tensor, mode: str):
-    """A no-argument callable running one mode: the forward (returns the output), the backward of one
-    kept forward, or both (these two return the input gradients). The forward keeps what the backward
-    needs, as in training."""
-    if mode == "fwd":
-        return lambda: fn(*inputs)
-    if mode == "bwd":
-        out = fn(*inputs)
-        return lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
-    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out)
-
-
-def run_case(fn, inputs: tuple, grad_out: torch.Tensor, mode: str, expected, device: str, rep_ms: float) -> tuple:
-    """(ms, peak MiB, error against expected). The first call, the check, also warms up (Triton compiles)."""
-    call = mode_call(fn, inputs, grad_out, mode)
-    error = common.max_error(call(), expected)
-    return common.time_ms(call, device, rep_ms), common.peak_mib(call, device), error
-
-
 def bench_shape(impls: dict, batch: int, seq_len: int, heads: int, head_dim: int, causal: bool, modes: list[str],
                 device: str, dtype: str, sdpa_flash: bool, rep_ms: float) -> list[dict]:
     q, k, v, grad_out = make_inputs(batch, seq_len, heads, head_dim, device, getattr(torch, dtype))
@@ -135,7 +116,7 @@ def bench_shape(impls: dict, batch: int, seq_len: int, heads: int, head_dim: int
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if flash else contextlib.nullcontext():
             for mode in modes:
                 expected = (ref_out,) if mode == "fwd" else ref_grads
-                case = functools.partial(run_case, functools.partial(fn, causal=causal), (q, k, v), grad_out, mode,
+                case = functools.partial(common.run_case, functools.partial(fn, causal=causal), (q, k, v), grad_out, mode,
                                          expected, device, rep_ms)
                 result, note = common.attempt(case)
                 ms, peak, error = result or (None, None, None)

@@ -120,6 +120,26 @@ def exit_status(rows: Sequence[dict]) -> int:
 # Checking results
 
 
+def mode_call(fn, inputs: tuple, grad_out: torch.Tensor, mode: str) -> Callable[[], object]:
+    """A no-argument callable running one mode: the forward (returns the output), the backward of one
+    kept forward, or both (these two return the input gradients). The forward keeps what the backward
+    needs, as in training."""
+    if mode == "fwd":
+        return lambda: fn(*inputs)
+    if mode == "bwd":
+        out = fn(*inputs)
+        return lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out)
+
+
+def run_case(fn, inputs: tuple, grad_out: torch.Tensor, mode: str, expected, device: str, rep_ms: float) -> tuple:
+    """(ms, peak MiB, error against expected) of one kernel in one mode. The first call, the check, also
+    warms up (Triton and torch.compile compile there)."""
+    call = mode_call(fn, inputs, grad_out, mode)
+    error = max_error(call(), expected)
+    return time_ms(call, device, rep_ms), peak_mib(call, device), error
+
+
 def max_error(actual: torch.Tensor | Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> float:
     """The largest absolute difference over the tensors, each relative to its reference's largest value."""
     actual = (actual,) if isinstance(actual, torch.Tensor) else actual

@@ -97,24 +97,6 @@ def reference(inputs: tuple, dy: torch.Tensor):
     return y.detach(), torch.autograd.grad(y, inputs32, dy.float())
 
 
-def mode_call(fn, inputs: tuple, dy: torch.Tensor, mode: str):
-    """A no-argument callable running one mode: the forward (returns y), the backward of one kept
-    forward, or both (these two return the gradients)."""
-    if mode == "fwd":
-        return lambda: fn(*inputs)
-    if mode == "bwd":
-        y = fn(*inputs)
-        return lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
-    return lambda: torch.autograd.grad(fn(*inputs), inputs, dy)
-
-
-def run_case(fn, inputs: tuple, dy: torch.Tensor, mode: str, expected, device: str, rep_ms: float) -> tuple:
-    """(ms, error against expected). The first call, the check, also warms up (and compiles)."""
-    call = mode_call(fn, inputs, dy, mode)
-    error = common.max_error(call(), expected)
-    return common.time_ms(call, device, rep_ms), error
-
-
 def bench_width(makers: dict, rows: int, width: int, modes: list[str], device: str, dtype: str, copy_gbs: float,
                 rep_ms: float) -> list[dict]:
     inputs, dy = make_inputs(rows, width, device, getattr(torch, dtype))
@@ -124,8 +106,8 @@ def bench_width(makers: dict, rows: int, width: int, modes: list[str], device: s
         fn = make()
         for mode in modes:
             expected = (ref_y,) if mode == "fwd" else ref_grads
-            result, note = common.attempt(functools.partial(run_case, fn, inputs, dy, mode, expected, device, rep_ms))
-            ms, error = result or (None, None)
+            result, note = common.attempt(functools.partial(common.run_case, fn, inputs, dy, mode, expected, device, rep_ms))
+            ms, _, error = result or (None, None, None)
             if error is not None:
                 note = common.mismatch_note(error, dtype)
             gbs = gb_per_s(layernorm_bytes(rows, width, dy.element_size(), mode), ms) if ms else None
