@@ -27,7 +27,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import model  # noqa: E402
 from bench import common  # noqa: E402
-from configurator import resolve_device, resolve_dtype  # noqa: E402
 
 IMPLS = ("eager", "sdpa", "triton")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -143,9 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, help="batch x T of every case (default: 16384 on GPU)")
     args = p.parse_args(argv)
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    size = "quick" if args.quick else "gpu" if device.startswith("cuda") else "cpu"
+    device, dtype = common.device_and_dtype(args)
+    size = common.sweep_size(args, device)
     seq_lens = args.seq_len or list(SEQ_LENS[size])
     tokens = args.tokens or TOKENS[size]
     head_dims = args.head_dim or list(HEAD_DIMS[size])

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from configurator import resolve_device, resolve_dtype
+
 REPO = Path(__file__).resolve().parent.parent
 
 # A result agrees with the float32 reference when its largest error, relative to the reference's
@@ -118,6 +120,17 @@ def exit_status(rows: Sequence[dict]) -> int:
 
 # -----------------------------------------------------------------------------
 # Checking results
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[str, str]:
+    """The --device and --dtype flags resolved as train.py resolves them ('auto': the GPU, bf16 there)."""
+    device = resolve_device(args.device)
+    return device, resolve_dtype(args.dtype, device)
+
+
+def sweep_size(args: argparse.Namespace, device: str) -> str:
+    """Which default sweep to run: 'quick' under --quick, else the full 'gpu' one or a small 'cpu' one."""
+    return "quick" if args.quick else "gpu" if device.startswith("cuda") else "cpu"
 
 
 def mode_call(fn, inputs: tuple, grad_out: torch.Tensor, mode: str) -> Callable[[], object]:

@@ -22,7 +22,6 @@ import torch._functorch.config  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench import common  # noqa: E402
-from configurator import resolve_device, resolve_dtype  # noqa: E402
 
 IMPLS = ("triton", "torch", "torch.compile")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -126,9 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, help="M (default: 4096)")
     args = p.parse_args(argv)
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    size = "quick" if args.quick else "gpu" if device.startswith("cuda") else "cpu"
+    device, dtype = common.device_and_dtype(args)
+    size = common.sweep_size(args, device)
     widths = args.width or list(WIDTHS[size])
     rows = args.rows or ROWS[size]
     # compiling takes longer than a quick run should, most of all on CPU (C++ code generation)

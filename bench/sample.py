@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from configurator import autocast, resolve_device, resolve_dtype  # noqa: E402
+from configurator import autocast  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 PROMPT_LEN = 1
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"timed generations per case, fewer past {BUDGET_S:g} s; the median is kept (default: 3)")
     args = p.parse_args(argv)
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    device, dtype = common.device_and_dtype(args)
     config = model_config(args.quick)
     block = config.block_size
     lengths = args.new_tokens or ([200, 50] if args.quick else [1000, 250])

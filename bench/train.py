@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from configurator import autocast, resolve_device, resolve_dtype  # noqa: E402
+from configurator import autocast  # noqa: E402
 from model import GPT, GPTConfig, gpu_peak_flops  # noqa: E402
 
 # impl -> (attn_impl, ln_impl) of the model
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, help="untimed steps first, where compilation happens (default: 3; quick: 1)")
     args = p.parse_args(argv)
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    device, dtype = common.device_and_dtype(args)
     gpu = device.startswith("cuda")
     models = args.model or (["tiny"] if args.quick else ["gpt2", "shakespeare_char"] if gpu else ["shakespeare_char"])
     compiles = {"both": (False, True), "on": (True,), "off": (False,)}[args.compile or ("off" if args.quick else "both")]
