@@ -1,0 +1,244 @@
+"""Compile every Triton kernel launch for real NVIDIA GPUs, on a machine without one, and report what
+the compiler made of it: registers and spills per thread, shared memory, tensor-core instructions.
+
+    python bench/compile_kernels.py                       # sm_90 (H100/H200), sm_80 (A100), sm_89 (L40, RTX 4090)
+    python bench/compile_kernels.py --arch 90 --quick     # a few launches per kernel
+    python bench/compile_kernels.py --out bench/results/compile
+
+Triton's interpreter (TRITON_INTERPRET=1, how the tests run kernels on CPU) never runs the real
+compiler, so a kernel that the interpreter accepts can still fail to compile, run out of shared
+memory or spill registers on a GPU. Here the kernels' own launchers run on CPU tensors with a
+stand-in for Triton's CUDA driver that names the target architecture; each launch is compiled down
+to a cubin with the ptxas that ships with triton, and never run. The resources come from
+cuobjdump's report on that cubin. Exit status 1 if any launch fails to compile, spills more than a few
+registers or needs more shared memory than the architecture gives one block.
+"""
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("bench/compile_kernels.py compiles for real GPUs: run it without TRITON_INTERPRET=1")
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import common  # noqa: E402
+
+# Dynamic shared memory one block may use, in bytes (CUDA programming guide, compute capabilities).
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# Spilled bytes per thread tolerated. A few registers' worth (which ptxas versions spill or not, as
+# the same kernel sits near the 255-register cap) costs little; hundreds of bytes mean the tiles are
+# too big for the register file, and every loop iteration then goes through local memory.
+SPILL_LIMIT = 64
+ARCH_NAMES = {80: "sm_80 (A100)", 86: "sm_86 (RTX 30xx, A10)", 89: "sm_89 (L40, RTX 40xx)", 90: "sm_90 (H100, H200)"}
+KERNEL_MODULES = ("kernels.flash_attention", "kernels.layernorm")
+
+
+class CompileOnlyDriver:
+    """Just enough of Triton's active driver for JITFunction to pick a target and compile for it."""
+
+    def __init__(self, capability: int):
+        self.target = GPUTarget("cuda", capability, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+@dataclass
+class Launch:
+    kernel: str
+    case: str
+    tiles: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    tensor_cores: str
+    error: str = ""
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack + local bytes per thread) from cuobjdump.
+
+    Registers that do not fit are spilled to the thread's stack frame, which lives in (slow) local memory;
+    these kernels keep no arrays there, so any stack at all means spills."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        report = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+) .*LOCAL:(\d+)", report)
+    if match is None:
+        raise RuntimeError(f"unexpected cuobjdump output:\n{report}")
+    return int(match.group(1)), int(match.group(2)) + int(match.group(3))
+
+
+def _tensor_cores(ttgir: str) -> str:
+    if "warp_group_dot" in ttgir:
+        return "wgmma"
+    if "nvidia_mma" in ttgir:
+        return "mma"
+    return "-"
+
+
+class Recorder:
+    """Replaces JITFunction.run while active: every launch is compiled (warmup=True) and recorded."""
+
+    def __init__(self):
+        self.launches: list[Launch] = []
+        self.case = ""
+        self._run = JITFunction.run
+
+    def __enter__(self):
+        recorder = self
+
+        def compile_only(kernel, *args, grid, warmup, **kwargs):
+            try:
+                compiled = recorder._run(kernel, *args, grid=grid, warmup=True, **kwargs)
+            except Exception as e:  # a compile error is a result to report, not a crash
+                first_line = (str(e).splitlines() or [""])[0][:200]
+                recorder.launches.append(Launch(kernel.fn.__name__, recorder.case, "", 0, 0, 0, "",
+                                                f"{type(e).__name__}: {first_line}"))
+                return None
+            recorder.record(kernel.fn.__name__, kwargs, compiled)
+            return compiled
+
+        JITFunction.run = compile_only
+        return self
+
+    def __exit__(self, *exc):
+        JITFunction.run = self._run
+
+    def record(self, name, kwargs, compiled):
+        blocks = " ".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in kwargs.items() if k in ("BLOCK_M", "BLOCK_N"))
+        tiles = f"{blocks} w{compiled.metadata.num_warps} s{compiled.metadata.num_stages}"
+        registers, spills = _resource_usage(compiled.asm["cubin"])
+        self.launches.append(Launch(name, self.case, tiles, registers, spills, compiled.metadata.shared,
+                                    _tensor_cores(compiled.asm["ttgir"])))
+
+
+# --quick: every dtype, head-dim class, mask, dropout and fp32 matmul precision at least once.
+QUICK_ATTENTION = [(torch.bfloat16, 64, True, 0.0, False), (torch.bfloat16, 128, True, 0.1, False),
+                   (torch.float16, 40, False, 0.1, False), (torch.float32, 64, True, 0.0, True),
+                   (torch.float32, 128, False, 0.1, False)]
+QUICK_LAYER_NORM = [(torch.bfloat16, 768, True), (torch.float32, 1600, False), (torch.float16, 5000, True),
+                    (torch.bfloat16, 20000, False)]
+
+
+def _attention_cases(quick: bool):
+    """(dtype, head dim, causal, dropout_p, allow TF32) for each attention launch to compile."""
+    if quick:
+        return QUICK_ATTENTION
+    return [(dtype, head_dim, causal, dropout_p, tf32)
+            for dtype in (torch.bfloat16, torch.float16, torch.float32)
+            for head_dim in (16, 40, 64, 80, 128)
+            for causal in (True, False)
+            for dropout_p in (0.0, 0.1)
+            for tf32 in ((False, True) if dtype == torch.float32 else (False,))]
+
+
+def compile_attention(recorder: Recorder, quick: bool):
+    fa = importlib.import_module(KERNEL_MODULES[0])
+    for dtype, head_dim, causal, dropout_p, tf32 in _attention_cases(quick):
+        # fp32 tiles depend on whether matmuls may use TF32, as torch's own do.
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        # T = 1000: not a multiple of any tile, so the launch is specialized as a general length.
+        q = torch.empty(2, 3, 1000, head_dim, dtype=dtype)
+        seed = torch.tensor([1234]) if dropout_p else None
+        recorder.case = (f"{str(dtype).removeprefix('torch.')}{' tf32' if tf32 else ''} D={head_dim}"
+                         f"{' causal' if causal else ''}{f' dropout={dropout_p}' if dropout_p else ''}")
+        out, lse = fa._forward(q, q, q, causal, head_dim ** -0.5, dropout_p, seed)
+        fa._backward(q, q, q, q, q, lse, causal, head_dim ** -0.5, dropout_p, seed)
+
+
+def compile_layer_norm(recorder: Recorder, quick: bool):
+    ln = importlib.import_module(KERNEL_MODULES[1])
+    cases = QUICK_LAYER_NORM if quick else [
+        (dtype, width, has_bias)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32)
+        for width in (768, 1024, 1600, 5000, 16384, 20000)
+        for has_bias in (True, False)]
+    for dtype, width, has_bias in cases:
+        recorder.case = f"{str(dtype).removeprefix('torch.')} N={width}{'' if has_bias else ' no bias'}"
+        x = torch.empty(64, width, dtype=dtype)
+        weight = torch.empty(width, dtype=dtype)
+        bias = torch.empty(width, dtype=dtype) if has_bias else None
+        _, mean, rstd = ln._forward(x, weight, bias, 1e-5)
+        ln._backward(x, x, weight, mean, rstd, has_bias)
+
+
+def problems(launch: Launch, capability: int) -> list[str]:
+    found = [launch.error] if launch.error else []
+    if launch.spill_bytes > SPILL_LIMIT:
+        found.append(f"spills {launch.spill_bytes} bytes per thread to local memory (over {SPILL_LIMIT})")
+    if launch.shared_bytes > SHARED_LIMIT[capability]:
+        found.append(f"needs {launch.shared_bytes} bytes of shared memory, over the {SHARED_LIMIT[capability]} "
+                     f"a block gets on {ARCH_NAMES[capability]}")
+    return found
+
+
+def compile_all(capability: int, quick: bool) -> list[Launch]:
+    # This process never talks to a real driver, so the stand-in need not be taken back out.
+    driver.set_active(CompileOnlyDriver(capability))
+    for module in KERNEL_MODULES:
+        for value in vars(importlib.import_module(module)).values():
+            if isinstance(value, JITFunction):
+                value.device_caches.clear()  # each kernel caches the target it was first compiled for
+    with Recorder() as recorder:
+        compile_attention(recorder, quick)
+        compile_layer_norm(recorder, quick)
+    return recorder.launches
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, nargs="+", default=[90, 80, 89], choices=sorted(SHARED_LIMIT),
+                   help="compute capabilities to compile for, e.g. 90 for sm_90 (default: 90 80 89)")
+    p.add_argument("--quick", action="store_true", help="a few launches per kernel instead of every case")
+    p.add_argument("--out", type=Path, help="also write compile_kernels.md and .json in this directory")
+    args = p.parse_args(argv)
+
+    rows, failures = [], []
+    for capability in args.arch:
+        for launch in compile_all(capability, args.quick):
+            found = problems(launch, capability)
+            failures += [f"{ARCH_NAMES[capability]} {launch.kernel} [{launch.case}]: {f}" for f in found]
+            rows.append({"arch": f"sm_{capability}", "kernel": launch.kernel.strip("_"), "case": launch.case,
+                         "tiles": launch.tiles, "registers": launch.registers, "spill bytes": launch.spill_bytes,
+                         "shared KiB": round(launch.shared_bytes / 1024, 1), "tensor cores": launch.tensor_cores,
+                         "ok": "no: " + "; ".join(found) if found else "yes"})
+    settings = {"architectures": ", ".join(ARCH_NAMES[a] for a in args.arch), "cases": "quick" if args.quick else "all"}
+    notes = ["compiled to cubins with the ptxas that ships with triton, on a machine without a GPU; never run",
+             "tiles: BLOCK_M (query rows) and BLOCK_N (key rows; for LayerNorm, the row block), w = warps, s = pipeline stages",
+             "shared KiB is what the block asks for; the limit is 227 KiB on sm_90, 163 on sm_80, 99 on sm_86/89"]
+    common.report("compile_kernels", "Triton kernel launches compiled for GPU targets", rows, list(rows[0]),
+                  settings, notes, args.out)
+    for failure in failures:
+        print("FAIL", failure, file=sys.stderr)
+    print(f"{len(rows)} launches compiled with triton {triton.__version__}: {len(failures)} problems")
+    return 1 if failures else 0
+
+if __name__ == "__main__":
+    sys.exit(main())
