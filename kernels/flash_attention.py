@@ -89,12 +89,13 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, 
 def _fwd_kernel(Q, K, V, O, LSE,
                 stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
                 stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
-                H, T, D, qk_scale, seed, dropout_p, keep_scale,
+                H, T, D, qk_scale, SEED, dropout_p, keep_scale,
                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1), tl.program_id(2)
     bh = b * H + h
+    seed = tl.load(SEED) if DROPOUT else 0  # SEED is None without dropout
     # int64 offsets: b * stride_b alone can exceed 2^31 elements for large batches.
     q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_ptr = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
@@ -176,12 +177,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                      stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
                      stride_vb, stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
                      stride_gb, stride_gh, stride_gt, stride_gd,
-                     H, T, D, softmax_scale, qk_scale, seed, dropout_p, keep_scale,
+                     H, T, D, softmax_scale, qk_scale, SEED, dropout_p, keep_scale,
                      CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     h, b = tl.program_id(1), tl.program_id(2)
     bh = b * H + h
+    seed = tl.load(SEED) if DROPOUT else 0  # SEED is None without dropout
     q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     do_ptr = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     lse_ptr = LSE + bh.to(tl.int64) * T
@@ -247,12 +249,13 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                    stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
                    stride_vb, stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
                    stride_gb, stride_gh, stride_gt, stride_gd,
-                   H, T, D, softmax_scale, qk_scale, seed, dropout_p, keep_scale,
+                   H, T, D, softmax_scale, qk_scale, SEED, dropout_p, keep_scale,
                    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1), tl.program_id(2)
     bh = b * H + h
+    seed = tl.load(SEED) if DROPOUT else 0  # SEED is None without dropout
     k_ptr = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_ptr = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -283,7 +286,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
 
 
 @triton.jit
-def _dropout_mask_kernel(MASK, seed, T, dropout_p, BLOCK: tl.constexpr):
+def _dropout_mask_kernel(MASK, SEED, T, dropout_p, BLOCK: tl.constexpr):
+    seed = tl.load(SEED)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     bh = tl.program_id(2)
@@ -292,19 +296,35 @@ def _dropout_mask_kernel(MASK, seed, T, dropout_p, BLOCK: tl.constexpr):
              mask=(rows[:, None] < T) & (cols[None, :] < T))
 
 
-def _tile_config(block_d, dtype):
+def _tile_config(block_d, dtype, dropout):
     """(fwd, bwd) launch settings; each is (held tile, streamed tile, num_warps, num_stages).
 
     The held tile is a multiple of the streamed one so that the causal diagonal band is a whole number
-    of streamed tiles. Sizes are those commonly used for FlashAttention-2 in Triton on A100/H100:
-    fp32 tiles take twice the registers and shared memory, so they are halved.
+    of streamed tiles. fp16/bf16 take the sizes commonly used for FlashAttention-2 in Triton; the rest
+    is sized so that no launch spills registers on sm_80, sm_89 or sm_90 (bench/compile_kernels.py
+    checks every case). Dropout's Philox rounds need registers, so its forward gets 8 warps and
+    half-width key tiles. fp32 tiles take twice the bytes, and without TF32 their dots run on CUDA
+    cores with the operands in registers, so they are smaller again.
     """
     if _INTERPRET:  # small tiles keep the interpreter fast and make T = tile +- 1 cheap to test
         return (32, 16, 4, 1), (32, 16, 4, 1)
     warps = 4 if block_d <= 64 else 8
     if dtype == torch.float32:
-        return (64, 32, warps, 2), (64, 32, warps, 2)
-    return (128, 64, warps, 3), (64, 32, warps, 2)
+        if _dot_precision(dtype) == "ieee":
+            return (32, 16, 8, 1), (32, 16, 8, 2)
+        return (64, 32, warps, 2), (32, 16, warps, 2)
+    if dropout:
+        fwd = (128, 32, 8, 3)
+    else:
+        # Before Hopper the score and output tiles of 4 warps fill all 255 registers and spill a little.
+        fwd = (128, 64, warps if _target_arch() >= 90 else 8, 3)
+    return fwd, (64, 32, warps, 2)
+
+
+@torch.compiler.assume_constant_result  # torch.compile folds it instead of tracing into Triton's driver
+def _target_arch():
+    """Compute capability Triton compiles for, e.g. 90 for sm_90 (an H100)."""
+    return triton.runtime.driver.active.get_current_target().arch
 
 
 def _dot_precision(dtype):
@@ -323,7 +343,7 @@ def _bthd_like(x):
 def _forward(q, k, v, causal, softmax_scale, dropout_p, seed):
     B, H, T, D = q.shape
     block_d = max(16, triton.next_power_of_2(D))
-    (block_m, block_n, warps, stages), _ = _tile_config(block_d, q.dtype)
+    (block_m, block_n, warps, stages), _ = _tile_config(block_d, q.dtype, dropout_p > 0)
     out = _bthd_like(q)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(T, block_m), H, B)
@@ -339,7 +359,7 @@ def _forward(q, k, v, causal, softmax_scale, dropout_p, seed):
 def _backward(do, q, k, v, out, lse, causal, softmax_scale, dropout_p, seed):
     B, H, T, D = q.shape
     block_d = max(16, triton.next_power_of_2(D))
-    _, (held, streamed, warps, stages) = _tile_config(block_d, q.dtype)
+    _, (held, streamed, warps, stages) = _tile_config(block_d, q.dtype, dropout_p > 0)
     delta = torch.empty_like(lse)
     _bwd_delta_kernel[(triton.cdiv(T, held), H, B)](
         out, do, delta, *out.stride(), *do.stride(), H, T, D, BLOCK_M=held, BLOCK_D=block_d)
@@ -360,15 +380,21 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, dropout_p, softmax_scale, seed):
         out, lse = _forward(q, k, v, causal, softmax_scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.dropout_p, ctx.softmax_scale, ctx.seed = causal, dropout_p, softmax_scale, seed
+        ctx.save_for_backward(q, k, v, out, lse, seed)
+        ctx.causal, ctx.dropout_p, ctx.softmax_scale = causal, dropout_p, softmax_scale
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, ctx.seed)
+        q, k, v, out, lse, seed = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed)
         return dq, dk, dv, None, None, None, None
+
+
+def _seed_tensor(seed, device):
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed={seed!r} must be an int in [0, 2**63), or None to draw one")
+    return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
 def _check_inputs(q, k, v, dropout_p):
@@ -402,18 +428,21 @@ def flash_attention(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, *, 
 
     q, k, v: (B, H, T, D), any strides, fp16/bf16/fp32, 16 <= D <= 128. causal: query i attends to keys
     j <= i. softmax_scale defaults to 1/sqrt(D). dropout_p drops attention probabilities (after the
-    softmax) with Philox numbers derived from `seed`; None draws the seed from torch's default CPU
-    generator, so torch.manual_seed makes runs reproducible without a GPU sync. Returns (B, H, T, D),
+    softmax) with Philox numbers derived from `seed` (an int); None draws one on q's device, from the
+    generator that torch.manual_seed seeds: no host sync, and nothing for torch.compile to break its
+    graph on, as the kernels read the seed from device memory. Returns (B, H, T, D),
     stored as (B, T, H, D) so that `out.transpose(1, 2).reshape(B, T, H * D)` does not copy.
     """
     _check_inputs(q, k, v, dropout_p)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     if dropout_p == 0.0:
-        seed = 0  # unused by the kernels; avoid consuming the generator
+        seed_tensor = None  # the kernels draw no random numbers; leave the generator alone
     elif seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    return _FlashAttention.apply(q, k, v, bool(causal), float(dropout_p), float(softmax_scale), int(seed))
+        seed_tensor = torch.randint(0, 2**31 - 1, (1,), device=q.device)
+    else:
+        seed_tensor = _seed_tensor(seed, q.device)
+    return _FlashAttention.apply(q, k, v, bool(causal), float(dropout_p), float(softmax_scale), seed_tensor)
 
 
 def flash_attention_supported(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -437,7 +466,8 @@ def dropout_mask(seed, B, H, T, dropout_p, device):
     """
     mask = torch.empty(B, H, T, T, dtype=torch.int8, device=device)
     block = 16 if _INTERPRET else 64
-    _dropout_mask_kernel[(triton.cdiv(T, block), triton.cdiv(T, block), B * H)](mask, seed, T, dropout_p, BLOCK=block)
+    _dropout_mask_kernel[(triton.cdiv(T, block), triton.cdiv(T, block), B * H)](
+        mask, _seed_tensor(seed, device), T, dropout_p, BLOCK=block)
     return mask.view(torch.bool)
 
 

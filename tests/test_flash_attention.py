@@ -287,6 +287,18 @@ def test_gpu_fp32_matches_reference(B, H, T, D, causal, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_fp32_with_tf32_matches_reference(D, monkeypatch):
+    """train.py allows TF32, which gives fp32 inputs their own tile sizes: judged against PyTorch's own
+    attention with TF32 matmuls, by the FlashAttention rule."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    q, k, v, do = (randn(2, 3, 333, D, seed=s) for s in range(4))
+    actual = forward_backward(flash_attention, q, k, v, do, causal=True)
+    torch_tf32 = forward_backward(attention_reference, q, k, v, do, causal=True)
+    assert_flash_rule(actual, torch_tf32, reference64(q, k, v, do, causal=True), eps=1e-4)
+
+
+@pytest.mark.gpu
 def test_gpu_dropout_matches_reference_given_kernel_mask():
     B, H, T, D, p = 2, 2, 700, 64, 0.1
     q, k, v, do = (randn(B, H, T, D, dtype=torch.bfloat16, seed=s) for s in range(4))

@@ -71,3 +71,24 @@ def test_triton_impls_train_like_pytorch_in_bf16_on_gpu():
             optimizer.step()
             losses[attn_impl].append(loss.item())
     assert losses["triton"] == pytest.approx(losses["sdpa"], rel=2e-2)
+
+
+@pytest.mark.gpu
+def test_triton_impls_compile_into_one_graph_with_dropout():
+    """torch.compile(fullgraph=True) fails on any graph break: the kernels, their autograd wrappers and
+    the dropout seed (drawn on the GPU, read by the kernels) must all trace."""
+    config = GPTConfig(block_size=128, vocab_size=65, n_layer=2, n_head=4, n_embd=128, dropout=0.1)
+    data = torch.randint(0, 65, (4, 129), generator=torch.Generator().manual_seed(1)).cuda()
+    torch.manual_seed(0)
+    model = GPT(config, "triton", "triton").cuda()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss = compiled(data[:, :-1], data[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    # Without dropout the compiled model computes what the eager one does.
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager_logits, _ = model(data[:, :-1], data[:, 1:])
+        compiled_logits, _ = compiled(data[:, :-1], data[:, 1:])
+    assert torch.allclose(compiled_logits.float(), eager_logits.float(), rtol=2e-2, atol=2e-2)

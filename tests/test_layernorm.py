@@ -120,8 +120,8 @@ def _count_launches(monkeypatch):
 
 
 @pytest.mark.parametrize("n,fwd,bwd", [
-    (5000, "_fwd_kernel", "_bwd_kernel"),
-    (10000, "_fwd_kernel", "_bwd_chunked_kernel"),  # between the backward and forward caps
+    (4000, "_fwd_kernel", "_bwd_kernel"),
+    (5000, "_fwd_kernel", "_bwd_chunked_kernel"),  # between the backward and forward caps
     (20000, "_fwd_chunked_kernel", "_bwd_chunked_kernel"),
 ])
 def test_block_cap_picks_kernel(monkeypatch, n, fwd, bwd):
