@@ -83,7 +83,7 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     """(registers per thread, stack + local bytes per thread) from cuobjdump.
 
     Registers that do not fit are spilled to the thread's stack frame, which lives in (slow) local memory;
-    these kernels keep no arrays there, so any stack at all means spills."""
+    these kernels keep no arrays there, so the stack is counted as spills."""
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)

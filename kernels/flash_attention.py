@@ -301,8 +301,8 @@ def _tile_config(block_d, dtype, dropout):
 
     The held tile is a multiple of the streamed one so that the causal diagonal band is a whole number
     of streamed tiles. fp16/bf16 take the sizes commonly used for FlashAttention-2 in Triton; the rest
-    is sized so that no launch spills registers on sm_80, sm_89 or sm_90 (bench/compile_kernels.py
-    checks every case). Dropout's Philox rounds need registers, so its forward gets 8 warps and
+    is sized so that no launch spills more than a few registers on sm_80, sm_89 or sm_90
+    (bench/compile_kernels.py checks every case). Dropout's Philox rounds need registers, so its forward gets 8 warps and
     half-width key tiles. fp32 tiles take twice the bytes, and without TF32 their dots run on CUDA
     cores with the operands in registers, so they are smaller again.
     """
