@@ -15,7 +15,6 @@ registers or needs more shared memory than the architecture gives one block.
 """
 import argparse
 import importlib
-import os
 import re
 import subprocess
 import sys
@@ -23,16 +22,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    sys.exit("bench/compile_kernels.py compiles for real GPUs: run it without TRITON_INTERPRET=1")
-
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
-from triton.runtime.jit import JITFunction
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kernels.common import interpreter_enabled  # noqa: E402
+
+if interpreter_enabled():
+    sys.exit("bench/compile_kernels.py compiles for real GPUs: run it without TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
 from bench import common  # noqa: E402
 
 # Dynamic shared memory one block may use, in bytes (CUDA programming guide, compute capabilities).

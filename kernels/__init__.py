@@ -1,5 +1,7 @@
 """Our Triton kernels, each with its autograd wrapper and a PyTorch reference for the tests."""
+from kernels.common import can_run_on, cuda_required_error, interpreter_enabled
 from kernels.flash_attention import flash_attention, flash_attention_supported
 from kernels.layernorm import layer_norm, layer_norm_supported
 
-__all__ = ["flash_attention", "flash_attention_supported", "layer_norm", "layer_norm_supported"]
+__all__ = ["can_run_on", "cuda_required_error", "flash_attention", "flash_attention_supported",
+           "interpreter_enabled", "layer_norm", "layer_norm_supported"]

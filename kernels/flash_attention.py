@@ -22,14 +22,13 @@ Details:
 - Matmuls take fp16/bf16 tiles natively with fp32 accumulation; all other math is in fp32.
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# Triton decides when `triton.jit` runs whether kernels execute in its interpreter; mirror it here.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from kernels.common import can_run_on, cuda_required_error, interpreter_enabled
+
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 128
 
@@ -58,6 +57,35 @@ def _load_tile(ptr, rows, cols, stride_t, stride_d, T, D, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _key_split(m0, T, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(split, end) for the query tile starting at m0: key tiles in [0, split) need no mask, those in
+    [split, end) straddle the diagonal or the end of the sequence. Causal stops at the diagonal: later
+    key tiles are fully masked and never visited."""
+    if CAUSAL:
+        split = m0
+        end = tl.minimum(m0 + BLOCK_M, T)
+    else:
+        split = (T // BLOCK_N) * BLOCK_N
+        end = T
+    return split, end
+
+
+@triton.jit
+def _visible(rows, cols, T, CAUSAL: tl.constexpr):
+    """Whether query `rows` sees key `cols`; they broadcast against each other, in either orientation.
+
+    Causal: keys up to the query's own position, which for a query before T also keeps out the keys
+    past T. Otherwise: every key before T. Queries past T need no mask: they are never stored, and the
+    backward zeroes their probabilities through lse = +inf.
+    """
+    if CAUSAL:
+        visible = cols <= rows
+    else:
+        visible = cols < T
+    return visible
+
+
+@triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
                rows, lo, hi, bh, T, D, qk_scale, seed, dropout_p,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
@@ -69,10 +97,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, 
         v = _load_tile(v_ptr, cols, offs_d, stride_vt, stride_vd, T, D, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
-            valid = cols[None, :] < T
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= rows[:, None])
-            s = tl.where(valid, s, float("-inf"))
+            s = tl.where(_visible(rows[:, None], cols[None, :], T, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -108,14 +133,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # Key tiles in [0, split) need no mask; those in [split, end) straddle the diagonal or the end of
-    # the sequence. Causal stops at the diagonal: later key tiles are fully masked and never visited.
-    if CAUSAL:
-        split = m0
-        end = tl.minimum(m0 + BLOCK_M, T)
-    else:
-        split = (T // BLOCK_N) * BLOCK_N
-        end = T
+    split, end = _key_split(m0, T, CAUSAL, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
                                rows, 0, split, bh, T, D, qk_scale, seed, dropout_p,
                                False, CAUSAL, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
@@ -158,8 +176,8 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, 
         lse = tl.load(lse_ptr + rows, mask=rows < T, other=float("inf"))
         delta = tl.load(delta_ptr + rows, mask=rows < T, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
-        if MASKED:
-            p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
+        if MASKED:  # the causal diagonal band
+            p_t = tl.where(_visible(rows[None, :], cols[:, None], T, True), p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
             keep_t = _dropout_keep(seed, bh, rows[None, :], cols[:, None], T, dropout_p)
@@ -232,10 +250,7 @@ def _bwd_dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_kd, str
         v = _load_tile(v_ptr, cols, offs_d, stride_vt, stride_vd, T, D, UPCAST)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
         if MASKED:
-            valid = cols[None, :] < T
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= rows[:, None])
-            p = tl.where(valid, p, 0.0)
+            p = tl.where(_visible(rows[:, None], cols[None, :], T, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             dp = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p), dp * keep_scale, 0.0)
@@ -267,13 +282,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
     lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Same split of the key tiles as in the forward.
-    if CAUSAL:
-        split = m0
-        end = tl.minimum(m0 + BLOCK_M, T)
-    else:
-        split = (T // BLOCK_N) * BLOCK_N
-        end = T
+    split, end = _key_split(m0, T, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
                        rows, 0, split, bh, T, D, qk_scale, seed, dropout_p, keep_scale,
                        False, CAUSAL, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
@@ -306,7 +315,7 @@ def _tile_config(block_d, dtype, dropout):
     half-width key tiles. fp32 tiles take twice the bytes, and without TF32 their dots run on CUDA
     cores with the operands in registers, so they are smaller again.
     """
-    if _INTERPRET:  # small tiles keep the interpreter fast and make T = tile +- 1 cheap to test
+    if interpreter_enabled():  # small tiles keep the interpreter fast and make T = tile +- 1 cheap to test
         return (32, 16, 4, 1), (32, 16, 4, 1)
     warps = 4 if block_d <= 64 else 8
     if dtype == torch.float32:
@@ -351,7 +360,7 @@ def _forward(q, k, v, causal, softmax_scale, dropout_p, seed):
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, T, D, softmax_scale * math.log2(math.e), seed, dropout_p, 1.0 / (1.0 - dropout_p),
         CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        UPCAST=_INTERPRET and q.dtype != torch.float32, PRECISION=_dot_precision(q.dtype),
+        UPCAST=interpreter_enabled() and q.dtype != torch.float32, PRECISION=_dot_precision(q.dtype),
         num_warps=warps, num_stages=stages)
     return out, lse
 
@@ -366,7 +375,7 @@ def _backward(do, q, k, v, out, lse, causal, softmax_scale, dropout_p, seed):
     dq, dk, dv = _bthd_like(q), _bthd_like(q), _bthd_like(q)
     args = (H, T, D, softmax_scale, softmax_scale * math.log2(math.e), seed, dropout_p, 1.0 / (1.0 - dropout_p))
     meta = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_D=block_d,
-                UPCAST=_INTERPRET and q.dtype != torch.float32, PRECISION=_dot_precision(q.dtype),
+                UPCAST=interpreter_enabled() and q.dtype != torch.float32, PRECISION=_dot_precision(q.dtype),
                 num_warps=warps, num_stages=stages)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride())
     _bwd_dkdv_kernel[(triton.cdiv(T, held), H, B)](
@@ -416,9 +425,8 @@ def _check_inputs(q, k, v, dropout_p):
                          "one of float16, bfloat16 or float32 (cast them, or use attn_impl='sdpa')")
     if not q.device == k.device == v.device:
         raise ValueError(f"q, k, v are on different devices ({q.device}, {k.device}, {v.device}); move them to one")
-    if q.device.type != "cuda" and not _INTERPRET:
-        raise ValueError("Triton kernels need a CUDA GPU; on CPU set TRITON_INTERPRET=1 before importing triton "
-                         "(slow, for testing) or use attn_impl='sdpa'")
+    if not can_run_on(q.device):
+        raise cuda_required_error("attn_impl", q.device.type, fallback="sdpa")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1); use 0.0 to disable dropout")
 
@@ -465,7 +473,7 @@ def dropout_mask(seed, B, H, T, dropout_p, device):
     mask to attention_reference.
     """
     mask = torch.empty(B, H, T, T, dtype=torch.int8, device=device)
-    block = 16 if _INTERPRET else 64
+    block = 16 if interpreter_enabled() else 64
     _dropout_mask_kernel[(triton.cdiv(T, block), triton.cdiv(T, block), B * H)](
         mask, _seed_tensor(seed, device), T, dropout_p, BLOCK=block)
     return mask.view(torch.bool)

@@ -22,18 +22,15 @@ separate pass, after which a (groups, column chunks) grid computes dx and the pa
 """
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from kernels.common import can_run_on, cuda_required_error
 
-# Triton decides at import time whether kernels run compiled or in its interpreter; read the same
-# switch, with the same spellings, so the wrapper knows whether CPU tensors can work.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Widest row held in registers by one program. The backward keeps about five row-sized fp32
 # vectors live (x, dy, weight and the two partial sums), so it gets a smaller cap than the forward:
@@ -293,9 +290,8 @@ def _check_inputs(x, weight, bias):
         if t.device != x.device:
             raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {x.device}; "
                              "move them to the same device")
-    if x.device.type != "cuda" and not _INTERPRET:
-        raise ValueError("Triton kernels need a CUDA GPU; on CPU set TRITON_INTERPRET=1 before "
-                         "importing triton (slow, for testing) or use ln_impl='torch'")
+    if not can_run_on(x.device):
+        raise cuda_required_error("ln_impl", x.device.type, fallback="torch")
 
 
 def layer_norm(x, weight, bias=None, eps=1e-5):

@@ -5,7 +5,6 @@ so T = 15, 16, 17, 31, 33 sit on either side of the tile edges; the cases are pi
 the edges without a slow cartesian product. Tests marked `gpu` use the real tile sizes and long
 sequences and are skipped on machines without CUDA.
 """
-import importlib
 import math
 
 import pytest
@@ -14,8 +13,7 @@ import triton
 import triton.language as tl
 from conftest import KERNEL_DEVICE
 
-# kernels/__init__.py re-exports the function under the module's name, so `import ... as` would get it.
-fa = importlib.import_module("kernels.flash_attention")
+from kernels import common
 from kernels.flash_attention import (_dropout_keep, attention_reference, dropout_mask, flash_attention,
                                      flash_attention_supported)
 
@@ -240,9 +238,10 @@ def test_rejects_mixed_dtypes():
 
 
 def test_rejects_cpu_tensors_without_interpreter(monkeypatch):
-    monkeypatch.setattr(fa, "_INTERPRET", False)
+    monkeypatch.setattr(common, "_INTERPRET", False)
     q = torch.zeros(1, 2, 8, 16)
-    with pytest.raises(ValueError, match="Triton kernels need a CUDA GPU; on CPU set TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match=r"attn_impl='triton' needs a CUDA GPU, but the tensors are on cpu; "
+                                         r"use attn_impl='sdpa', or set TRITON_INTERPRET=1"):
         flash_attention(q, q, q)
 
 

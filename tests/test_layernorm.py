@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import KERNEL_DEVICE
+from kernels import common
 from kernels import layernorm as ln
 from kernels.layernorm import layer_norm, layer_norm_reference, layer_norm_supported
 
@@ -266,8 +267,9 @@ def test_bad_inputs_raise(args, match):
 
 
 def test_cpu_without_interpreter_raises(monkeypatch):
-    monkeypatch.setattr(ln, "_INTERPRET", False)
-    with pytest.raises(ValueError, match=r"need a CUDA GPU.*TRITON_INTERPRET=1.*ln_impl='torch'"):
+    monkeypatch.setattr(common, "_INTERPRET", False)
+    with pytest.raises(ValueError, match=r"ln_impl='triton' needs a CUDA GPU, but the tensors are on cpu; "
+                                         r"use ln_impl='torch', or set TRITON_INTERPRET=1"):
         layer_norm(torch.randn(2, 8), torch.ones(8))
 
 

@@ -1,0 +1,42 @@
+"""What the kernels share: whether Triton runs them in its interpreter, and the error for a device they
+cannot run on. Imports nothing from the rest of the project, so kernels/ stays usable on its own."""
+import os
+
+import torch
+
+# The values Triton's getenv_bool (behind triton.knobs.env_bool) takes as true, compared ignoring case.
+# Triton strips no white space, so neither does env_flag: " 1" leaves the interpreter off.
+_TRUE_VALUES = frozenset({"1", "y", "yes", "on", "true"})
+
+
+def env_flag(value: str | None) -> bool:
+    """Whether Triton reads this value of a boolean environment variable (None: unset) as true."""
+    return value is not None and value.lower() in _TRUE_VALUES
+
+
+# Read once, at import. `triton.jit` picks the interpreter or the compiler for each kernel when the
+# kernel is defined, which is when kernels/ is imported, right after this module; a TRITON_INTERPRET
+# set later changes nothing for our kernels, so it must not change what this module reports either.
+_INTERPRET = env_flag(os.environ.get("TRITON_INTERPRET"))
+
+
+def interpreter_enabled() -> bool:
+    """Whether our kernels run in Triton's interpreter (TRITON_INTERPRET was on when they were imported)."""
+    return _INTERPRET
+
+
+def can_run_on(device: torch.device) -> bool:
+    """Whether the kernels can take tensors on `device`: CUDA, or any device under the interpreter."""
+    return torch.device(device).type == "cuda" or interpreter_enabled()
+
+
+def cuda_required_error(what: str, device_type: str, fallback: str | None = None) -> ValueError:
+    """The error for Triton kernels given tensors on a device they cannot run on, for the caller to raise.
+
+    what: the option that chose the kernels, e.g. 'attn_impl'. device_type: the tensors' device type,
+    e.g. 'cpu'. fallback: the value of that option that runs without a GPU, e.g. 'sdpa', if there is one.
+    """
+    fix = f"use {what}='{fallback}', or set" if fallback else "set"
+    return ValueError(f"{what}='triton' needs a CUDA GPU, but the tensors are on {device_type}; {fix} "
+                      "TRITON_INTERPRET=1 before starting Python to run the kernels slowly in Triton's "
+                      "interpreter (for testing)")
