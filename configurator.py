@@ -118,6 +118,35 @@ def parse_args(argv: list[str], defaults: dict, annotations: dict) -> dict:
     return config
 
 
+def script_defaults(script: str | Path) -> tuple[dict, dict]:
+    """A script's config defaults and their annotations, read from its source without running it: the
+    top-level assignments of plain values before `configure(globals())`. bench/ reads train.py's this way,
+    so the defaults live in one place."""
+    tree = ast.parse(Path(script).read_text())
+    defaults, annotations = {}, {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            target = node.targets[0]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            target = node.target
+            annotations[target.id] = eval(ast.unparse(node.annotation), {})  # `str | None`: builtins only
+        else:
+            continue
+        if target.id == "config":  # config = configure(globals()): the defaults end here
+            break
+        try:  # our own source: plain values and arithmetic such as `5 * 8`, nothing that needs a name
+            defaults[target.id] = eval(ast.unparse(node.value), {"__builtins__": {}})
+        except NameError:
+            continue  # not a plain value, so not a config key
+    return config_keys(defaults), annotations
+
+
+def script_config(script: str | Path, argv: list[str]) -> dict:
+    """A script's config after config files and --key=value overrides (argv), without running the script."""
+    defaults, annotations = script_defaults(script)
+    return parse_args(argv, defaults, annotations)
+
+
 def configure(namespace: dict, argv: list[str] | None = None) -> dict:
     """Apply sys.argv to a script's globals in place and return the resulting config dict.
 

@@ -11,17 +11,14 @@ A dataset is a directory, data/<name>, holding its tokens in one of two formats:
 TokenSplit samples training windows from either, the way nanoGPT does: a fresh np.memmap per
 batch, random offsets drawn from a torch.Generator the caller owns.
 """
-import os
 import pickle
-import secrets
 import shlex
-from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Iterator
-from typing import BinaryIO
 
 import numpy as np
 import torch
+
+from fileio import atomic_open
 
 TOKEN_DTYPE = np.uint16
 MAX_TOKEN_ID = np.iinfo(TOKEN_DTYPE).max
@@ -47,25 +44,6 @@ def prepare_command(dataset: str) -> str:
     if dataset in ("fineweb", "fineweb_edu"):
         return f"python prepare/fineweb.py --dataset {dataset}"
     return f"python prepare/text.py --name {shlex.quote(dataset)} --input 'your/*.txt'"
-
-
-@contextmanager
-def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
-    """Open a temp file next to `path` for binary writing; it replaces `path` only once the block
-    finishes without error, so a crash or Ctrl-C never leaves a half-written file under the real name.
-    The temp name ends in .tmp, so the loader's *.bin globs never pick it up."""
-    path = Path(path)
-    # Not tempfile.mkstemp: its files are private (0600); this one gets the usual umask permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _as_tokens(tokens, what: str) -> np.ndarray:

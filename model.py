@@ -3,23 +3,19 @@
 Attention and layer norm have interchangeable implementations picked at run time, not stored in the
 checkpoint: attention `eager` (explicit masked softmax: what people write by hand), `sdpa`
 (F.scaled_dot_product_attention) or `triton` (our flash attention kernel); layer norm `torch` or
-`triton` (our fused kernel). `auto` takes the Triton kernels where they can run (CUDA, a supported shape
-and dtype) and PyTorch's otherwise.
+`triton` (our fused kernel). The choice is resolved once, when the model first runs on a device (and
+again only if it moves to another): `auto` takes PyTorch's off CUDA and, on CUDA, the Triton kernels where
+they support the shape and dtype. train.py goes further on CUDA and times both (select_impl.py).
 """
-import json
 import math
-import os
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch.nn import functional as F
-
-from data import atomic_open
 
 ATTN_IMPLS = ("auto", "eager", "sdpa", "triton")
 LN_IMPLS = ("auto", "torch", "triton")
@@ -58,40 +54,38 @@ def kernels_module():
     return kernels
 
 
-def triton_can_run(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def check_triton_can_run(x: torch.Tensor, what: str, fallback: str) -> None:
-    if not triton_can_run(x):
-        raise RuntimeError(
-            f"{what}='triton' needs a CUDA GPU, but the model runs on {x.device.type}; use {what}='{fallback}' "
-            "(or 'auto'), or set TRITON_INTERPRET=1 before starting Python to run the kernels slowly in "
-            "Triton's interpreter (for testing)"
-        )
-
-
 def check_impl(name: str, value: str, valid: tuple[str, ...]) -> str:
     if value not in valid:
         raise ValueError(f"{name} must be one of {valid}, got {value!r}")
     return value
 
 
-def resolve_attn_impl(attn_impl: str, q: torch.Tensor) -> str:
+def resolve_attn_impl(attn_impl: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> str:
+    """The attention implementation to run for a requested one: 'auto' becomes 'triton' on CUDA where the
+    kernel supports the head size and dtype, 'sdpa' otherwise; 'triton' where it cannot run is an error."""
     if attn_impl == "auto":
-        supported = q.is_cuda and kernels_module().flash_attention_supported(q.size(-1), q.dtype, q.device)
+        supported = device.type == "cuda" and kernels_module().flash_attention_supported(head_dim, dtype, device)
         return "triton" if supported else "sdpa"
-    if attn_impl == "triton":
-        check_triton_can_run(q, "attn_impl", "sdpa")
+    if attn_impl == "triton" and not kernels_module().can_run_on(device):
+        raise kernels_module().cuda_required_error("attn_impl", device.type, "sdpa")
     return attn_impl
 
 
-def resolve_ln_impl(ln_impl: str, x: torch.Tensor) -> str:
+def resolve_ln_impl(ln_impl: str, dtype: torch.dtype, device: torch.device) -> str:
+    """As resolve_attn_impl, for layer norm ('torch' or 'triton')."""
     if ln_impl == "auto":
-        return "triton" if x.is_cuda and kernels_module().layer_norm_supported(x.dtype, x.device) else "torch"
-    if ln_impl == "triton":
-        check_triton_can_run(x, "ln_impl", "torch")
+        supported = device.type == "cuda" and kernels_module().layer_norm_supported(dtype, device)
+        return "triton" if supported else "torch"
+    if ln_impl == "triton" and not kernels_module().can_run_on(device):
+        raise kernels_module().cuda_required_error("ln_impl", device.type, "torch")
     return ln_impl
+
+
+def compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype activations have on `device`: autocast's when it is on, else the parameters'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return param_dtype
 
 
 def causal_mask(t_query: int, t_key: int, device: torch.device) -> torch.Tensor:
@@ -100,10 +94,9 @@ def causal_mask(t_query: int, t_key: int, device: torch.device) -> torch.Tensor:
 
 
 def attention(q, k, v, impl: str, dropout_p: float) -> torch.Tensor:
-    """Causal attention over (B, H, T, D) tensors. Keys may be longer than queries (a KV cache):
-    then the queries are the last positions."""
+    """Causal attention over (B, H, T, D) tensors with a resolved impl ('eager', 'sdpa' or 'triton'). Keys
+    may be longer than queries (a KV cache): then the queries are the last positions."""
     t_query, t_key = q.size(-2), k.size(-2)
-    impl = resolve_attn_impl(impl, q)
     if impl == "triton" and t_query == t_key:
         return kernels_module().flash_attention(q, k, v, causal=True, dropout_p=dropout_p)
     if impl == "eager":
@@ -130,10 +123,10 @@ class LayerNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-        self.impl = "auto"
+        self.impl = "torch"  # resolved by GPT.resolve_impl
 
     def forward(self, x):
-        if resolve_ln_impl(self.impl, x) == "triton":
+        if self.impl == "triton":
             return kernels_module().layer_norm(x, self.weight, self.bias, 1e-5)
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
@@ -177,7 +170,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.impl = "auto"
+        self.impl = "sdpa"  # resolved by GPT.resolve_impl
 
     def forward(self, x, cache: LayerCache | None = None, start: int = 0):
         B, T, C = x.size()
@@ -241,15 +234,34 @@ class GPT(nn.Module):
         self.set_impl(attn_impl, ln_impl)
 
     def set_impl(self, attn_impl: str = "auto", ln_impl: str = "auto") -> None:
-        """Choose the attention and layer norm implementations (a run-time choice, not saved)."""
-        check_impl("attn_impl", attn_impl, ATTN_IMPLS)
-        check_impl("ln_impl", ln_impl, LN_IMPLS)
-        self.attn_impl, self.ln_impl = attn_impl, ln_impl
+        """Request attention and layer norm implementations (a run-time choice, not saved). They are
+        resolved when the model next runs, for the device it runs on (see resolve_impl)."""
+        self.attn_impl = check_impl("attn_impl", attn_impl, ATTN_IMPLS)
+        self.ln_impl = check_impl("ln_impl", ln_impl, LN_IMPLS)
+        self.impl_device: torch.device | None = None  # where the resolved choice holds
+        self.told_about_decoding = False
+
+    def resolve_impl(self, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+        """Resolve the requested implementations for a device and compute dtype, once: every layer then
+        runs the resolved one without asking again. Returns (attention, layer norm)."""
+        head_dim = self.config.n_embd // self.config.n_head
+        attn = resolve_attn_impl(self.attn_impl, head_dim, dtype, device)
+        ln = resolve_ln_impl(self.ln_impl, dtype, device)
+        self.use_impl(attn, ln, device)
+        return attn, ln
+
+    def use_impl(self, attn: str, ln: str, device: torch.device) -> None:
+        """Run these resolved implementations on `device` (e.g. the faster ones, as measured by select_impl)."""
         for module in self.modules():
             if isinstance(module, CausalSelfAttention):
-                module.impl = attn_impl
+                module.impl = attn
             elif isinstance(module, LayerNorm):
-                module.impl = ln_impl
+                module.impl = ln
+        self.resolved_attn_impl, self.resolved_ln_impl = attn, ln
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # tensors say cuda:N: compare like with like
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.impl_device = device
 
     def get_num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without the position embeddings (the token embeddings are
@@ -272,7 +284,13 @@ class GPT(nn.Module):
         Without: (logits for the last position only, None): all that generation needs, and cheaper."""
         device = idx.device
         b, t = idx.size()
+        if device != self.impl_device:
+            self.resolve_impl(device, compute_dtype(device, self.lm_head.weight.dtype))
         start = cache.length if cache is not None else 0
+        if start > 0 and self.resolved_attn_impl == "triton" and not self.told_about_decoding:
+            print("attn_impl='triton': the single-token decoding steps run SDPA (the kernel is for whole blocks)",
+                  file=sys.stderr)
+            self.told_about_decoding = True
         if start + t > self.config.block_size:
             raise ValueError(
                 f"cannot forward a sequence of length {start + t}: block_size is {self.config.block_size}; "
@@ -373,13 +391,17 @@ class GPT(nn.Module):
     def from_pretrained(
         cls, name_or_dir: str, override_args: dict | None = None, attn_impl: str = "auto", ln_impl: str = "auto"
     ) -> "GPT":
-        """GPT-2 in Hugging Face's format: one of GPT2_NAMES (downloaded from the hub once, then cached) or
-        a local directory. override_args may set dropout only, as in nanoGPT."""
+        """GPT-2 in Hugging Face's format: one of hf.GPT2_NAMES (downloaded from the hub once, then cached)
+        or a local directory. override_args may set dropout only, as in nanoGPT. (hf.py does the work.)"""
+        from hf import load_hf_gpt2  # hf.py builds on this module
+
         return load_hf_gpt2(name_or_dir, override_args or {}, attn_impl, ln_impl)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json and model.safetensors that transformers' GPT2LMHeadModel.from_pretrained loads
         with the same logits (and from_pretrained here too)."""
+        from hf import save_hf_gpt2
+
         save_hf_gpt2(self, Path(directory))
 
 
@@ -410,103 +432,6 @@ def sample_next_token(
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints (nanoGPT's format)
-
-
-def clean_state_dict(state_dict: dict) -> dict:
-    """Make a saved state dict loadable: drop torch.compile's `_orig_mod.` prefix and the causal-mask
-    buffers (`.attn.bias`) that nanoGPT saves when it runs without flash attention."""
-    prefix = "_orig_mod."
-    cleaned = {}
-    for key, value in state_dict.items():
-        key = key[len(prefix) :] if key.startswith(prefix) else key
-        if key.endswith(".attn.bias") and value.dim() == 4:
-            continue
-        cleaned[key] = value
-    return cleaned
-
-
-def model_from_checkpoint(checkpoint: dict, attn_impl: str = "auto", ln_impl: str = "auto") -> GPT:
-    """A GPT with the weights of a checkpoint written by our train.py or nanoGPT's."""
-    for key in ("model", "model_args"):
-        if key not in checkpoint:
-            raise ValueError(f"not a nanoGPT/tritongpt checkpoint: the '{key}' entry is missing")
-    model = GPT(GPTConfig.from_dict(checkpoint["model_args"]), attn_impl, ln_impl)
-    model.load_state_dict(clean_state_dict(checkpoint["model"]))
-    # a finetuned GPT-2 keeps GPT-2's tanh GELU; nanoGPT's checkpoints have no such key (exact GELU)
-    set_gelu_approximate(model, checkpoint.get("gelu_approximate", "none"))
-    return model
-
-
-# Dense bf16/fp16 tensor-core peaks in FLOP/s, by the name CUDA reports (first match wins, so the more
-# specific names come first). A GPU missing here gets no MFU rather than a wrong one.
-GPU_PEAK_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("V100", 125e12),
-    ("T4", 65e12),
-)
-
-
-def gpu_peak_flops(device: str, dtype: str) -> float | None:
-    """The tensor-core peak of the GPU running this process, or None (CPU, fp32, or an unknown GPU)."""
-    if not device.startswith("cuda") or dtype not in ("bfloat16", "float16") or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    for key, peak in GPU_PEAK_FLOPS:
-        if key in name:
-            return peak
-    return None
-
-
-# -----------------------------------------------------------------------------
-# GPT-2 weights (Hugging Face format)
-#
-# Hugging Face's GPT2LMHeadModel uses our parameter names (nanoGPT took them from OpenAI's GPT-2), with
-# two differences in storage: its Conv1D layers keep Linear weights transposed, as (in, out), and the
-# lm_head, tied to wte, is not stored at all.
-#
-# One difference in the math: GPT-2's MLP uses the tanh approximation of GELU ("gelu_new"), nanoGPT the
-# exact one. Even a randomly initialized GPT-2 (124M) has logits ~1e-3 apart under the two, so a model
-# loaded from HF weights runs its GELUs with approximate="tanh" and matches HF's logits. This is a setting
-# of the modules (set_gelu_approximate), not a GPTConfig field, so checkpoints keep nanoGPT's model_args;
-# train.py records it under a key of its own, which nanoGPT ignores.
-
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M and 1558M parameters
-HF_ENDPOINT = "https://huggingface.co"
-HF_ENDPOINT_ENV = "TRITONGPT_HF_ENDPOINT"  # a mirror of the hub (or, in the tests, a local server)
-CACHE_ENV = "TRITONGPT_CACHE"  # downloads go to $TRITONGPT_CACHE/<name>, by default ~/.cache/tritongpt/<name>
-HF_CONFIG = "config.json"
-HF_SAFETENSORS = "model.safetensors"
-HF_SAFETENSORS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint: which shard holds each tensor
-HF_PYTORCH_BIN = "pytorch_model.bin"
-HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HF_GELU_APPROXIMATE = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # nn.GELU's name
-# GPT2Config's defaults: transformers leaves a key out of config.json when it has its default value.
-HF_GPT2_DEFAULTS = dict(
-    vocab_size=50257,
-    n_positions=1024,
-    n_embd=768,
-    n_layer=12,
-    n_head=12,
-    n_inner=None,
-    activation_function="gelu_new",
-    layer_norm_epsilon=1e-5,
-    scale_attn_weights=True,
-    scale_attn_by_inverse_layer_idx=False,
-    tie_word_embeddings=True,
-)
-GPT2_EOT = 50256  # <|endoftext|>, GPT-2's bos and eos token
-
-
 def set_gelu_approximate(model: nn.Module, approximate: str) -> None:
     """Run every GELU exactly ('none', nanoGPT's) or with the tanh approximation ('tanh', GPT-2's)."""
     if approximate not in ("none", "tanh"):
@@ -518,194 +443,3 @@ def set_gelu_approximate(model: nn.Module, approximate: str) -> None:
 
 def gelu_approximate(model: nn.Module) -> str:
     return next((m.approximate for m in model.modules() if isinstance(m, nn.GELU)), "none")
-
-
-def gpt2_download(name: str) -> Path:
-    """The cache directory of a GPT-2 size, after downloading its config and weights there if needed."""
-    from prepare.common import download  # imported on use: loading a local model needs no network code
-
-    endpoint = os.environ.get(HF_ENDPOINT_ENV, HF_ENDPOINT).rstrip("/")
-    directory = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tritongpt") / name
-    hint = (
-        f", or set {HF_ENDPOINT_ENV} to a mirror of {HF_ENDPOINT}, or pass a directory holding "
-        f"{HF_CONFIG} and {HF_SAFETENSORS} instead of {name!r}"
-    )
-    for file in (HF_CONFIG, HF_SAFETENSORS):
-        download(f"{endpoint}/openai-community/{name}/resolve/main/{file}", directory / file, hint=hint)
-    return directory
-
-
-def gpt2_directory(name_or_dir: str) -> Path:
-    if name_or_dir in GPT2_NAMES:
-        return gpt2_download(name_or_dir)
-    directory = Path(name_or_dir)
-    if not directory.is_dir():
-        raise ValueError(
-            f"{name_or_dir!r} is neither a GPT-2 model name ({', '.join(GPT2_NAMES)}) nor a directory; a local "
-            f"directory in Hugging Face GPT-2 format ({HF_CONFIG} + {HF_SAFETENSORS}, as save_pretrained "
-            "writes) works too"
-        )
-    return directory
-
-
-def gpt_config_from_hf(hf_config: dict, source: Path, dropout: float) -> tuple[GPTConfig, str]:
-    """Our config and GELU approximation for an HF config.json; an error for anything that would make
-    this GPT compute differently from HF's GPT2LMHeadModel."""
-    hf = {**HF_GPT2_DEFAULTS, **hf_config}
-    problems = []
-    if hf.get("model_type") != "gpt2":
-        problems.append(f"model_type is {hf.get('model_type')!r}, not 'gpt2'")
-    if hf["activation_function"] not in HF_GELU_APPROXIMATE:
-        problems.append(f"activation_function is {hf['activation_function']!r}, not one of {list(HF_GELU_APPROXIMATE)}")
-    if hf["layer_norm_epsilon"] != 1e-5:
-        problems.append(f"layer_norm_epsilon is {hf['layer_norm_epsilon']}, not 1e-5")
-    if hf["n_inner"] not in (None, 4 * hf["n_embd"]):
-        problems.append(f"n_inner is {hf['n_inner']}, not 4 * n_embd")
-    if not hf["scale_attn_weights"] or hf["scale_attn_by_inverse_layer_idx"]:
-        problems.append("attention scores are not scaled by 1/sqrt(head size) alone")
-    if not hf["tie_word_embeddings"]:
-        problems.append("lm_head is not tied to the token embedding")
-    if hf["n_embd"] % hf["n_head"]:
-        problems.append(f"n_embd {hf['n_embd']} is not divisible by n_head {hf['n_head']}")
-    if problems:
-        raise ValueError(f"{source} is not a GPT-2 config this model can load: {'; '.join(problems)}")
-    config = GPTConfig(
-        block_size=hf["n_positions"],
-        vocab_size=hf["vocab_size"],
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=hf["n_embd"],
-        dropout=dropout,
-        bias=True,
-    )
-    return config, HF_GELU_APPROXIMATE[hf["activation_function"]]
-
-
-def hf_weight_files(directory: Path) -> list[Path]:
-    """The files holding an HF checkpoint's tensors: model.safetensors, its shards, or pytorch_model.bin."""
-    if (directory / HF_SAFETENSORS).is_file():
-        return [directory / HF_SAFETENSORS]
-    if (directory / HF_SAFETENSORS_INDEX).is_file():
-        weight_map = json.loads((directory / HF_SAFETENSORS_INDEX).read_text())["weight_map"]
-        return [directory / shard for shard in sorted(set(weight_map.values()))]
-    if (directory / HF_PYTORCH_BIN).is_file():
-        return [directory / HF_PYTORCH_BIN]
-    raise FileNotFoundError(f"{directory} has no {HF_SAFETENSORS} (nor {HF_SAFETENSORS_INDEX} or {HF_PYTORCH_BIN})")
-
-
-def read_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs, one tensor in memory at a time where the format allows (safetensors)."""
-    for file in files:
-        if file.suffix == ".bin":
-            yield from torch.load(file, map_location="cpu", weights_only=True).items()
-            continue
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-
-
-def our_name(hf_name: str) -> str | None:
-    """Our parameter name for an HF GPT-2 tensor; None for what we do not keep: the tied lm_head and the
-    causal-mask buffers (attn.bias, attn.masked_bias) of older checkpoints."""
-    name = hf_name.removeprefix("transformer.")  # the hub's files were saved from GPT2Model: no prefix
-    if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
-        return None
-    return f"transformer.{name}"
-
-
-@torch.no_grad()
-def load_hf_tensors(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], source: Path) -> None:
-    """Copy HF GPT-2 tensors into the model, checking that every parameter gets one of the right shape."""
-    params = dict(model.named_parameters())  # the tied lm_head.weight is listed once, as transformer.wte.weight
-    missing = set(params)
-    for hf_name, tensor in tensors:
-        name = our_name(hf_name)
-        if name is None:
-            continue
-        if name not in params:
-            raise ValueError(f"{source} has a tensor {hf_name!r} that GPT-2 does not have")
-        if name.endswith(HF_CONV1D_WEIGHTS):
-            tensor = tensor.t()
-        if tensor.shape != params[name].shape:
-            raise ValueError(
-                f"{source}: {hf_name} has shape {tuple(tensor.shape)}, but {HF_CONFIG} implies "
-                f"{tuple(params[name].shape)}{' (transposed, as Conv1D)' if name.endswith(HF_CONV1D_WEIGHTS) else ''}"
-            )
-        params[name].copy_(tensor)
-        missing.discard(name)
-    if missing:
-        raise ValueError(f"{source} lacks {len(missing)} of the model's tensors: {', '.join(sorted(missing)[:5])}")
-
-
-def load_hf_gpt2(name_or_dir: str, override_args: dict, attn_impl: str, ln_impl: str) -> GPT:
-    unsupported = sorted(set(override_args) - {"dropout"})
-    if unsupported:
-        raise ValueError(
-            f"from_pretrained can only override dropout (the architecture comes from {HF_CONFIG}), got {unsupported}"
-        )
-    directory = gpt2_directory(name_or_dir)
-    config_path = directory / HF_CONFIG
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"{directory} has no {HF_CONFIG}; a Hugging Face GPT-2 directory holds {HF_CONFIG} and {HF_SAFETENSORS}"
-        )
-    dropout = override_args.get("dropout", 0.0)
-    config, approximate = gpt_config_from_hf(json.loads(config_path.read_text()), config_path, dropout)
-    files = hf_weight_files(directory)  # before building the model: a missing file fails fast
-    model = GPT(config, attn_impl, ln_impl)
-    load_hf_tensors(model, read_hf_tensors(files), directory)
-    set_gelu_approximate(model, approximate)
-    return model
-
-
-def hf_config(model: GPT) -> dict:
-    cfg = model.config
-    eot = GPT2_EOT if cfg.vocab_size > GPT2_EOT else None  # a small vocabulary has no <|endoftext|>
-    return {
-        "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.block_size,
-        "n_ctx": cfg.block_size,
-        "n_embd": cfg.n_embd,
-        "n_layer": cfg.n_layer,
-        "n_head": cfg.n_head,
-        "n_inner": None,
-        "activation_function": "gelu_new" if gelu_approximate(model) == "tanh" else "gelu",
-        "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": cfg.dropout,
-        "embd_pdrop": cfg.dropout,
-        "attn_pdrop": cfg.dropout,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
-        "bos_token_id": eot,
-        "eos_token_id": eot,
-        "use_cache": True,
-    }
-
-
-def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's tensors under HF GPT-2 names: Linear weights transposed to Conv1D's (in, out), zeros for
-    the biases of a bias=False model (HF's GPT-2 always has biases; zero ones change nothing), and no
-    lm_head, which HF ties to wte."""
-    tensors = {}
-    for name, module in model.transformer.named_modules(prefix="transformer"):
-        if isinstance(module, nn.Embedding):
-            tensors[f"{name}.weight"] = module.weight
-        elif isinstance(module, (nn.Linear, LayerNorm)):
-            tensors[f"{name}.weight"] = module.weight.t() if isinstance(module, nn.Linear) else module.weight
-            zeros = module.weight.new_zeros(module.weight.shape[0])
-            tensors[f"{name}.bias"] = module.bias if module.bias is not None else zeros
-    return {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-
-
-def save_hf_gpt2(model: GPT, directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    # each file goes to a temporary name first: readers see the old file or the new one, never a torn one
-    with atomic_open(directory / HF_SAFETENSORS) as f:
-        f.write(safetensors_bytes(hf_state_dict(model), metadata={"format": "pt"}))
-    with atomic_open(directory / HF_CONFIG) as f:
-        f.write((json.dumps(hf_config(model), indent=2) + "\n").encode())

@@ -1,5 +1,6 @@
 """
-Sample from a trained model (out_dir/ckpt.pt) or a pretrained GPT-2:
+Sample from a trained model (the checkpoint in out_dir: ckpt.pt, or an FSDP run's ckpt_dcp/) or a
+pretrained GPT-2:
 
 $ python sample.py --out_dir=out-shakespeare-char
 $ python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3 --top_p=0.9
@@ -14,12 +15,14 @@ from dataclasses import dataclass
 import tiktoken
 import torch
 
+import checkpoint as ckpt
 from configurator import autocast, configure, resolve_compile, resolve_device, resolve_dtype
 from data import load_meta
-from model import GPT, model_from_checkpoint
+from fileio import DownloadError
+from model import GPT
 
 # -----------------------------------------------------------------------------
-init_from = "resume"  # 'resume' (out_dir/ckpt.pt), a GPT-2 name ('gpt2', ..., 'gpt2-xl') or an HF model dir
+init_from = "resume"  # 'resume' (the checkpoint in out_dir), a GPT-2 name ('gpt2', ..., 'gpt2-xl') or an HF model dir
 out_dir = "out"  # ignored unless init_from is 'resume'
 start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
 num_samples = 10  # number of samples to draw
@@ -64,22 +67,17 @@ def gpt2_tokenizer() -> Tokenizer:
     return Tokenizer(lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}), enc.decode_bytes, enc.eot_token)
 
 
-def load_model() -> tuple[GPT, Tokenizer]:
+def load_model(init_from: str, out_dir: str, attn_impl: str = "auto", ln_impl: str = "auto") -> tuple[GPT, Tokenizer]:
     """The model and the tokenizer it was trained with: the dataset's char vocabulary if it has a
     meta.pkl (as nanoGPT's sample.py finds it), else GPT-2's BPE."""
-    if init_from != "resume":
-        return GPT.from_pretrained(init_from, attn_impl=attn_impl, ln_impl=ln_impl), gpt2_tokenizer()
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(ckpt_path):
-        if os.path.isdir(os.path.join(out_dir, "ckpt_dcp")):
-            raise SystemExit(
-                f"error: {out_dir} holds a sharded FSDP checkpoint; make it one file first: "
-                f"python train.py --out_dir={out_dir} --consolidate=True"
-            )
-        raise SystemExit(f"error: no checkpoint at {ckpt_path}; train one first (python train.py ...) or set --out_dir")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    model = model_from_checkpoint(checkpoint, attn_impl, ln_impl)
-    train_config = checkpoint.get("config", {})
+    try:
+        if init_from != "resume":
+            return GPT.from_pretrained(init_from, attn_impl=attn_impl, ln_impl=ln_impl), gpt2_tokenizer()
+        checkpoint = ckpt.require(out_dir, latest=False)
+        model = ckpt.build_model(checkpoint, attn_impl, ln_impl)
+    except (ckpt.CheckpointError, DownloadError, ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    train_config = checkpoint.state.get("config", {})
     meta = None
     if "dataset" in train_config:
         meta = load_meta(train_config.get("data_dir") or os.path.join("data", train_config["dataset"]))
@@ -99,15 +97,29 @@ def read_prompt(start: str) -> str:
         return f.read()
 
 
-def generate_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], batch: int, on_token=None) -> list[str]:
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+    kv_cache: bool = True
+    kv_refill: int | None = None
+    stop_at_eot: bool = False
+
+
+def generate_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], batch: int, settings: SamplingSettings,
+                  on_token: Callable[[bytes], None] | None = None) -> list[str]:
     """`batch` continuations of the prompt; on_token(bytes) is called with each new token of sample 0."""
+    device = next(model.parameters()).device
     idx = torch.tensor(prompt_ids, dtype=torch.long, device=device).expand(batch, -1)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     rows = [[] for _ in range(batch)]
-    stream_kwargs = dict(top_p=top_p, use_cache=kv_cache, refill=kv_refill)
-    for token in model.generate_stream(idx, max_new_tokens, temperature, top_k, **stream_kwargs):
+    stream_kwargs = dict(top_p=settings.top_p, use_cache=settings.kv_cache, refill=settings.kv_refill)
+    tokens = model.generate_stream(idx, settings.max_new_tokens, settings.temperature, settings.top_k, **stream_kwargs)
+    for token in tokens:
         token = token.squeeze(1)
-        if stop_at_eot and tokenizer.eot is not None:
+        if settings.stop_at_eot and tokenizer.eot is not None:
             finished |= token == tokenizer.eot
         for row, (tok, done) in enumerate(zip(token.tolist(), finished.tolist())):
             if not done:
@@ -120,29 +132,30 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], batch
 
 
 def main() -> None:
-    global device, dtype
-    configure(globals())
-    torch.manual_seed(seed)
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    config = configure(globals())
+    torch.manual_seed(config["seed"])
+    device = resolve_device(config["device"])
+    dtype = resolve_dtype(config["dtype"], device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(config["init_from"], config["out_dir"], config["attn_impl"], config["ln_impl"])
     model.eval().to(device)
-    if resolve_compile(compile, device):
+    if resolve_compile(config["compile"], device):
         model.compile()  # in place, so the generation loop's calls of the model go through it
-    prompt_ids = tokenizer.encode(read_prompt(start))
+    prompt_ids = tokenizer.encode(read_prompt(config["start"]))
     if not prompt_ids:
         raise SystemExit("error: the prompt is empty; use --start='\\n' or --start='<|endoftext|>' for an unconditional sample")
+    settings = SamplingSettings(**{key: config[key] for key in SamplingSettings.__dataclass_fields__})
     with torch.no_grad(), autocast(device, dtype):
-        if stream:
-            for _ in range(num_samples):
+        if config["stream"]:
+            for _ in range(config["num_samples"]):
                 utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
                 sys.stdout.write(tokenizer.decode_bytes(prompt_ids).decode("utf-8", errors="replace"))
-                generate_text(model, tokenizer, prompt_ids, 1, lambda b: print(utf8.decode(b), end="", flush=True))
+                generate_text(model, tokenizer, prompt_ids, 1, settings,
+                              lambda b: print(utf8.decode(b), end="", flush=True))
                 print("\n---------------")
         else:
-            for text in generate_text(model, tokenizer, prompt_ids, num_samples):
+            for text in generate_text(model, tokenizer, prompt_ids, config["num_samples"], settings):
                 print(text)
                 print("---------------")
 

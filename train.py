@@ -16,38 +16,33 @@ and across nodes (the same command on each; the rendezvous endpoint is a host:po
 
 $ torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.1:29500 --rdzv-id=run1 train.py
 
-FSDP checkpoints are sharded (out_dir/ckpt_dcp/); this writes the latest as one out_dir/ckpt.pt in nanoGPT's
-format, for sample.py or for resuming without FSDP:
+FSDP checkpoints are sharded (out_dir/ckpt_dcp/); sample.py and a resume on any layout read them as they are,
+and this writes them as one out_dir/ckpt.pt in nanoGPT's format:
 
 $ python train.py --out_dir=out --consolidate=True
 
+SIGTERM or Ctrl-C saves a checkpoint after the current step, then exits; `--init_from=resume` continues.
 Under `torchrun --max-restarts=N`, restarted workers resume from the latest checkpoint by themselves.
-docs/scaling.md has the details. The config keys, defaults, command lines, data files and checkpoints are nanoGPT's.
+docs/ has the details. The config keys, defaults, command lines, data files and checkpoints are nanoGPT's;
+the run-time parts (schedule, step, evaluation, checkpoints, processes) are functions in training.py,
+checkpoint.py and metrics.py.
 """
-import gc
-import json
 import math
 import os
-import shutil
+import sys
 import time
-import warnings
 
-import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed import destroy_process_group, init_process_group
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-try:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-except ImportError:  # torch 2.5 has FSDP2 under its first name
-    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-
+import checkpoint as ckpt
+import metrics
+import training
 from configurator import autocast, configure, resolve_compile, resolve_device, resolve_dtype
-from data import TokenSplit, atomic_open, load_meta
-from model import GPT, GPTConfig, gelu_approximate, gpu_peak_flops, model_from_checkpoint, set_gelu_approximate
+from data import TokenSplit, load_meta
+from fileio import DownloadError
+from model import GPT, GPTConfig
+from select_impl import choose_impls
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on OpenWebText, as in nanoGPT
@@ -57,7 +52,8 @@ eval_interval = 2000
 log_interval = 1
 eval_iters = 200
 eval_only = False  # if True, exit right after the first eval
-always_save_checkpoint = True  # if True, save a checkpoint after every eval, not only on a new best
+always_save_checkpoint = True  # if True, ckpt.pt is the latest state; if False, the best (latest beside it)
+early_stopping_patience = 0  # stop when the val loss has not improved for this many evals (0: never)
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir), a GPT-2 name ('gpt2', 'gpt2-xl') or an HF model dir
 consolidate = False  # if True, write out_dir/ckpt.pt from the sharded out_dir/ckpt_dcp of an fsdp run, and exit
 # wandb logging
@@ -103,282 +99,117 @@ config = configure(globals())
 # -----------------------------------------------------------------------------
 
 
-def get_lr(it: int) -> float:
-    """Linear warmup, then cosine decay down to min_lr at lr_decay_iters, then min_lr."""
-    if not decay_lr:
-        return learning_rate
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it > lr_decay_iters:
-        return min_lr
-    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
-    return min_lr + coeff * (learning_rate - min_lr)
+def fail(message: str) -> None:
+    raise SystemExit(f"error: {message}")
 
 
-def batch_seed(*parts: int) -> int:
-    """A seed for one batch, a pure function of (seed, stream, step, index), with stream 0 for training and
-    1, 2 for the eval splits: the data stream is the same whatever the number of processes, and a resumed
-    run draws exactly the batches it would have drawn."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+def make_optimizer(model: GPT) -> torch.optim.Optimizer:
+    return model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 
 
-def get_batch(split: str, *seed_parts: int):
-    generator = torch.Generator().manual_seed(batch_seed(*seed_parts))
-    x, y = splits[split].get_batch(batch_size, block_size, generator)
-    if device_type == "cuda":
-        # pinned memory lets the copy to the GPU run asynchronously (non_blocking)
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-@torch.no_grad()
-def estimate_loss() -> dict[str, float]:
-    """Mean loss over eval_iters batches of each split; the same batches at every eval, so evals compare.
-    Each rank evaluates its share of the batches; gathering every batch's loss, rather than summing partial
-    means, makes the result the very number one process computes."""
-    model.eval()
-    out = {}
-    per_rank = math.ceil(eval_iters / ddp_world_size)
-    for split_index, split in enumerate(("train", "val")):
-        losses = torch.zeros(per_rank * ddp_world_size, device=device)
-        # the last rank may run past eval_iters: FSDP needs every rank in every forward; the extra is dropped
-        for k in range(ddp_rank * per_rank, (ddp_rank + 1) * per_rank):
-            x, y = get_batch(split, seed, 1 + split_index, k)
-            with ctx:
-                _, loss = model(x, y)
-            losses[k] = loss
-        if ddp:
-            torch.distributed.all_reduce(losses)  # each slot is nonzero on one rank only: the sum is exact
-        out[split] = losses[:eval_iters].mean().item()
-    model.train()
-    return out
-
-
-def stop_diverged(what: str) -> None:
-    raise SystemExit(
-        f"error: {what}: training diverged. Nothing more is saved, so {dcp_dir if fsdp else ckpt_path} keeps the last "
-        "good weights; lower learning_rate, raise warmup_iters or set grad_clip, then continue with --init_from=resume."
-    )
-
-
-def log_metrics(record: dict) -> None:
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def format_eta(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-def shard_model(model: GPT) -> None:
-    """FSDP2: shard each block's parameters (so its gradients and optimizer state too) across the ranks,
-    then the rest at the root; a block's are all-gathered only while it computes. Under bf16/fp16 they are
-    gathered in that dtype and the gradients reduced in fp32."""
-    mesh = init_device_mesh(device_type, (ddp_world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: out_dir/ckpt.pt, one file (one process, DDP), or out_dir/ckpt_dcp/, one file per rank (FSDP)
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-dcp_dir = os.path.join(out_dir, "ckpt_dcp")
-TRAIN_STATE = "train_state.pt"  # in ckpt_dcp/: what ckpt.pt holds besides the model and optimizer
-
-
-def sharded_checkpoint() -> str | None:
-    """ckpt_dcp, or the previous one where a save died between its two renames."""
-    return next((path for path in (dcp_dir, dcp_dir + ".old") if os.path.isdir(path)), None)
-
-
-def load_sharded(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load a sharded checkpoint into a model and its optimizer, sharded or not: DCP reads whatever part
-    of each tensor they hold, whatever the number of processes that saved it."""
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
-def save_sharded(train_state: dict) -> None:
-    """Every rank writes its shards into ckpt_dcp.tmp; then rank 0 swaps it in for ckpt_dcp, so the old
-    checkpoint stays whole until the new one is (out_dir must be shared by the nodes)."""
-    tmp, old = dcp_dir + ".tmp", dcp_dir + ".old"
-    if master_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
-    torch.distributed.barrier()
-    model_state, optim_state = get_state_dict(raw_model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
-    if master_process:
-        torch.save(train_state, os.path.join(tmp, TRAIN_STATE))
-        # a directory cannot be renamed over another, hence two renames
-        if os.path.isdir(dcp_dir):
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dcp_dir, old)
-        os.replace(tmp, dcp_dir)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def consolidate_checkpoint() -> None:
-    """ckpt_dcp -> ckpt.pt: load the shards into one plain model and optimizer on the CPU and save them
-    in nanoGPT's format, which sample.py, nanoGPT and a DDP or one-process resume read."""
-    path = sharded_checkpoint()
-    if path is None:
-        raise SystemExit(f"error: --consolidate=True reads the sharded checkpoint of an fsdp run, {dcp_dir}: not found")
-    state = torch.load(os.path.join(path, TRAIN_STATE), map_location="cpu", weights_only=False)
-    model = GPT(GPTConfig(**state["model_args"]))
-    # the hyperparameters are placeholders: the checkpoint's param_groups replace them
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), "cpu")
-    with warnings.catch_warnings():  # DCP warns that it loads in a single process: the very point here
-        warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        load_sharded(path, model, optimizer)
-    with atomic_open(ckpt_path) as f:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state}, f)
-    print(f"wrote {ckpt_path} from {path} (iter {state['iter_num']})")
-
-
-def read_checkpoint() -> tuple[str, dict]:
-    """Where to resume from, and the training state there: all of ckpt.pt, or for fsdp ckpt_dcp's
-    train_state.pt (its shards load once the model is sharded)."""
-    if fsdp:
-        path = sharded_checkpoint()
-    else:
-        path = ckpt_path if os.path.exists(ckpt_path) else None
-    if path is None:
-        hint = "train with init_from='scratch' first"
-        if fsdp and os.path.exists(ckpt_path):
-            hint = f"{ckpt_path} cannot be loaded sharded: resume it with --parallel=ddp"
-        elif not fsdp and sharded_checkpoint():
-            hint = f"resume {dcp_dir} with --parallel=fsdp, or make a ckpt.pt of it with --consolidate=True"
-        raise SystemExit(f"error: init_from='resume' but {dcp_dir if fsdp else ckpt_path} does not exist; {hint}")
-    return path, torch.load(os.path.join(path, TRAIN_STATE) if fsdp else path, map_location="cpu", weights_only=False)
-
-
+device_type = resolve_device(device).split(":")[0]
 if consolidate:
-    consolidate_checkpoint()
+    try:
+        for path in ckpt.consolidate(out_dir, make_optimizer):
+            print(f"wrote {path}")
+    except ckpt.CheckpointError as error:
+        fail(str(error))
     raise SystemExit
 
-
-# -----------------------------------------------------------------------------
 # processes and devices
-ddp = int(os.environ.get("RANK", -1)) != -1  # is this a torchrun run?
+if early_stopping_patience < 0:
+    fail(f"early_stopping_patience must be >= 0 (0 turns it off), got {early_stopping_patience}")
 if parallel not in ("ddp", "fsdp"):
-    raise SystemExit(f"error: parallel must be 'ddp' or 'fsdp', got {parallel!r}")
-if parallel == "fsdp" and not ddp:
-    raise SystemExit(
-        "error: --parallel=fsdp shards the model across processes; run under torchrun, e.g. "
-        "torchrun --standalone --nproc_per_node=8 train.py ... --parallel=fsdp"
-    )
+    fail(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+if parallel == "fsdp" and "RANK" not in os.environ:
+    fail("--parallel=fsdp shards the model across processes; run under torchrun, e.g. "
+         "torchrun --standalone --nproc_per_node=8 train.py ... --parallel=fsdp")
+dist = training.setup_distributed(resolve_device(device), backend)
 fsdp = parallel == "fsdp"
-restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # torchrun's restarts after failures
-device = resolve_device(device)
-if ddp:
-    ddp_rank = int(os.environ["RANK"])
-    ddp_local_rank = int(os.environ["LOCAL_RANK"])
-    ddp_world_size = int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        device = f"cuda:{ddp_local_rank}"
-        torch.cuda.set_device(device)
-    init_process_group(backend=backend if device.startswith("cuda") else "gloo")
-    # torchrun counts restarts per node, and one whose workers were restarted because another node's failed
-    # may count none: restarted anywhere is restarted everywhere
-    restarts = torch.tensor(restart_count, device=device)
-    torch.distributed.all_reduce(restarts, op=torch.distributed.ReduceOp.MAX)
-    restart_count = int(restarts)
-    master_process = ddp_rank == 0  # prints, logs and writes ckpt.pt
-    if gradient_accumulation_steps % ddp_world_size != 0:
-        raise SystemExit(
-            f"error: gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
-            f"{ddp_world_size} processes; pick a multiple of {ddp_world_size} so the global batch stays the same"
-        )
-    gradient_accumulation_steps //= ddp_world_size
-else:
-    ddp_rank, ddp_world_size, master_process = 0, 1, True
-device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-dtype = resolve_dtype(dtype, device)
-compile = resolve_compile(compile, device)
+master_process = dist.master
+try:
+    accumulation = training.per_rank_accumulation(gradient_accumulation_steps, dist.world_size)
+except ValueError as error:
+    fail(str(error))
+device, device_type = dist.device, dist.device.type
+dtype = resolve_dtype(dtype, str(device))
+compile = resolve_compile(compile, str(device))
 if torch_threads > 0:
     torch.set_num_threads(torch_threads)
-tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
-    print(f"device {device}, dtype {dtype}, compile {compile}, {ddp_world_size} process(es)")
+    print(f"device {device}, dtype {dtype}, compile {compile}, {dist.world_size} process(es)")
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-ctx = autocast(device, dtype)
+ctx = autocast(str(device), dtype)
 
 # data
 data_dir = data_dir or os.path.join("data", dataset)
-meta = load_meta(data_dir)
+try:
+    meta = load_meta(data_dir)
+except ValueError as error:
+    fail(str(error))
 meta_vocab_size = meta["vocab_size"] if meta else None
 if meta_vocab_size is not None and master_process:
     print(f"found vocab_size = {meta_vocab_size} (inside {os.path.join(data_dir, 'meta.pkl')})")
 
 # model
-iter_num = 0
-best_val_loss = 1e9
+iter_num, best_val_loss, evals_since_best = 0, float("inf"), 0
 checkpoint = None
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias, vocab_size=None, dropout=dropout)
-if restart_count > 0 and (sharded_checkpoint() if fsdp else os.path.exists(ckpt_path)):
-    init_from = "resume"  # torchrun restarted the workers after a failure: carry on from the last checkpoint
-torch.manual_seed(seed)  # the same initial weights on every rank: FSDP shards them where they are
-if init_from == "scratch":
-    model_args["vocab_size"] = meta_vocab_size if meta_vocab_size is not None else 50304
-    model = GPT(GPTConfig(**model_args), attn_impl, ln_impl)
-elif init_from == "resume":
-    resume_path, checkpoint = read_checkpoint()
-    # the architecture comes from the checkpoint; dropout may be changed on resume
-    for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"):
-        model_args[k] = checkpoint["model_args"][k]
-    if fsdp:
-        model = GPT(GPTConfig(**model_args), attn_impl, ln_impl)  # its weights load once sharded
-        set_gelu_approximate(model, checkpoint["gelu_approximate"])
+try:
+    if dist.restart_count > 0 and ckpt.find(out_dir, latest=True) is not None:
+        init_from = "resume"  # torchrun restarted the workers after a failure: carry on from the last checkpoint
+    torch.manual_seed(seed)  # the same initial weights on every rank: FSDP shards them where they are
+    if init_from == "scratch":
+        vocab_size = meta_vocab_size if meta_vocab_size is not None else 50304
+        model_config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                                 n_embd=n_embd, dropout=dropout, bias=bias)
+        model = GPT(model_config, attn_impl, ln_impl)
+    elif init_from == "resume":
+        # the architecture comes from the checkpoint; dropout may be changed on resume
+        checkpoint = ckpt.require(out_dir, latest=True)
+        model = ckpt.build_model(checkpoint, attn_impl, ln_impl, dropout=dropout, load_weights=False)
+        iter_num, best_val_loss = checkpoint.iter_num, checkpoint.state["best_val_loss"]
+        evals_since_best = checkpoint.state.get("evals_since_best", 0)
+        if master_process:
+            # after an elastic restart, the iterations since the checkpoint run (and are logged) again
+            restarted = f", restart {dist.restart_count}" if dist.restart_count else ""
+            print(f"resuming from {checkpoint.path} at iter {iter_num}{restarted}")
+            metrics.log_metrics(out_dir, {"iter": iter_num, "event": "resume", "restart": dist.restart_count})
     else:
-        model = model_from_checkpoint({**checkpoint, "model_args": model_args}, attn_impl, ln_impl)
-    iter_num = checkpoint["iter_num"]
-    best_val_loss = checkpoint["best_val_loss"]
-    if master_process:
-        # after an elastic restart, the iterations since the checkpoint run (and are logged) again
-        print(f"resuming from {resume_path} at iter {iter_num}" + (f", restart {restart_count}" if restart_count else ""))
-        log_metrics({"iter": iter_num, "event": "resume", "restart": restart_count})
-else:
-    model = GPT.from_pretrained(init_from, dict(dropout=dropout), attn_impl=attn_impl, ln_impl=ln_impl)
-    for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"):
-        model_args[k] = getattr(model.config, k)
+        model = GPT.from_pretrained(init_from, dict(dropout=dropout), attn_impl=attn_impl, ln_impl=ln_impl)
+except (ckpt.CheckpointError, DownloadError, ValueError, FileNotFoundError) as error:
+    fail(str(error))
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)
-    model_args["block_size"] = block_size
 elif block_size > model.config.block_size:
-    raise SystemExit(f"error: block_size={block_size} is larger than the model's {model.config.block_size}")
+    fail(f"block_size={block_size} is larger than the model's {model.config.block_size}")
 model.to(device)
-if ddp:
-    torch.manual_seed(seed + ddp_rank)  # dropout differs per rank
+torch.manual_seed(seed + dist.rank)  # dropout differs per rank
+try:
+    splits = {split: TokenSplit(data_dir, split, dataset, model.config.vocab_size) for split in ("train", "val")}
+except (FileNotFoundError, ValueError) as error:
+    fail(str(error))
+batches = training.Batches(splits, batch_size, block_size, device, seed)
 
-splits = {split: TokenSplit(data_dir, split, dataset, model_args["vocab_size"]) for split in ("train", "val")}
-
+# the attention and norm implementations, chosen before compiling and sharding
+# (under FSDP the residual stream, so the norms' input, is in the mixed-precision dtype)
+choose_impls(model, batch_size, device, getattr(torch, dtype), ln_dtype=getattr(torch, dtype) if fsdp else None)
 if fsdp:
-    shard_model(model)
+    training.shard_model(model, device, dist.world_size, dtype)
 # fp16 needs loss scaling to keep small gradients from underflowing; elsewhere the scaler is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = make_optimizer(model)
 if checkpoint is not None:
-    if fsdp:
-        load_sharded(resume_path, model, optimizer)
-    else:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    if "scaler" in checkpoint:
-        scaler.load_state_dict(checkpoint["scaler"])
-    rng = checkpoint.get("rng")
-    if rng is not None and rng["world_size"] == ddp_world_size:
-        torch.set_rng_state(rng["torch"][ddp_rank])
-        if device_type == "cuda" and rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"][ddp_rank], device)
+    try:
+        ckpt.load_weights_into(checkpoint, model, optimizer, make_optimizer)
+    except ckpt.CheckpointError as error:
+        fail(str(error))
+    if checkpoint.state.get("scaler"):
+        scaler.load_state_dict(checkpoint.state["scaler"])
+    ckpt.restore_rng_states(checkpoint.state.get("rng"), device, dist.rank, dist.world_size)
 checkpoint = None  # free the memory
 
 raw_model = model  # without the compile and DDP wrappers: what gets saved, and what estimate_mfu is asked
@@ -386,8 +217,9 @@ if compile:
     if master_process:
         print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)
-if ddp and not fsdp:
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+if dist.enabled and not fsdp:
+    model = DDP(model, device_ids=[dist.local_rank] if device_type == "cuda" else None)
+sync_gradients = training.gradient_sync_switch(model, raw_model)
 
 if wandb_log and master_process:
     import wandb
@@ -395,129 +227,96 @@ if wandb_log and master_process:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 
-def save_checkpoint() -> None:
+def save_checkpoint(latest: bool) -> None:
     """Every rank takes part: the RNG states are gathered from all, and under FSDP each writes its shards."""
-    state = {"model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
-             "scaler": scaler.state_dict(), "rng": gather_rng_states(), "gelu_approximate": gelu_approximate(raw_model)}
-    if fsdp:
-        save_sharded(state)
-    elif master_process:
-        # a temp file renamed over the old one: a run killed at any moment leaves either the
-        # old checkpoint or the new one, never a torn file
-        with atomic_open(ckpt_path) as f:
-            torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), **state}, f)
+    state = ckpt.train_state(raw_model, iter_num, early_stopping.best, config, scaler.state_dict(),
+                             ckpt.gather_rng_states(device, dist.world_size), early_stopping.evals_since_best)
+    path = ckpt.save(out_dir, latest, raw_model, optimizer, state, fsdp, master_process)
+    if master_process:
+        if not latest:
+            ckpt.remove_latest(out_dir)  # older than the one just written
+        print(f"saved checkpoint {path} (iter {iter_num})")
 
 
-def gather_rng_states() -> dict:
-    """Every rank's RNG states (dropout differs per rank), collected on rank 0 for the checkpoint."""
-    states = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None}
-    gathered = [states]
-    if ddp:
-        gathered = [None] * ddp_world_size
-        torch.distributed.all_gather_object(gathered, states)
-    return {
-        "world_size": ddp_world_size,
-        "torch": [s["torch"] for s in gathered],
-        "cuda": [s["cuda"] for s in gathered] if device_type == "cuda" else None,
-    }
+def stop_diverged(what: str) -> None:
+    fail(f"{what}: training diverged. Nothing more is saved, so the checkpoints in {out_dir} keep the last good "
+         "weights; lower learning_rate, raise warmup_iters or set grad_clip, then continue with --init_from=resume.")
 
 
 # -----------------------------------------------------------------------------
 # training loop
-peak_flops = gpu_peak_flops(device, dtype)
-t0 = time.time()
-start_iter = iter_num
-local_iter_num = 0  # iterations in this process's lifetime
-running_mfu = -1.0
-running_dt = None
+early_stopping = training.EarlyStopping(early_stopping_patience, best_val_loss, evals_since_best)
+stop_signal = training.StopSignal().install()
+step_timer = metrics.StepTimer()
+peak_flops = metrics.gpu_peak_flops(device, dtype)
+stopped_by_signal = False
+resumed_at = iter_num if init_from == "resume" else None
 while True:
-    lr = get_lr(iter_num)
-    for param_group in optimizer.param_groups:
-        param_group["lr"] = lr
-
-    if iter_num % eval_interval == 0 or eval_only:
-        losses = estimate_loss()  # on every rank, so each knows whether to save
+    final = iter_num >= max_iters
+    if iter_num % eval_interval == 0 or final or eval_only:
+        lr = training.get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
+        losses = training.estimate_loss(model, batches.eval, eval_iters, ctx, dist.rank, dist.world_size)
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             if eval_only:
                 print(f"val perplexity {math.exp(losses['val']):.2f}")
-            log_metrics({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
+            metrics.log_metrics(out_dir, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                                          "lr": lr})
+            metrics.plot_losses(out_dir, tokens_per_iter)
             if wandb_log:
                 wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
         if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
             stop_diverged(f"the eval loss is {losses['val']} at step {iter_num}")
-        improved = losses["val"] < best_val_loss
-        best_val_loss = min(best_val_loss, losses["val"])
-        # nothing is saved before the first step
-        if (improved or always_save_checkpoint) and iter_num > 0 and not eval_only:
+        # the eval a resumed run starts with repeats the checkpoint's: it neither counts nor saves again
+        if iter_num != resumed_at:
+            improved = early_stopping.update(losses["val"])
+            if iter_num > 0 and not eval_only:  # nothing is saved before the first step
+                # with always_save_checkpoint=False, ckpt.pt holds the best model: the latest goes beside it
+                save_checkpoint(latest=not (always_save_checkpoint or improved))
+        if early_stopping.should_stop:
             if master_process:
-                print(f"saving checkpoint to {dcp_dir if fsdp else out_dir}")
-            save_checkpoint()
-    if eval_only:
+                print(f"early stopping at iter {iter_num}: the val loss has not improved on {early_stopping.best:.4f} "
+                      f"for {early_stopping.evals_since_best} evals (early_stopping_patience={early_stopping_patience})")
+            break
+    if eval_only or final:
         break
-    if iter_num == int(os.environ.get("TRITONGPT_TEST_CRASH_AT_ITER", "-1")) and ddp_rank == 1 and restart_count == 0:
-        os._exit(1)  # test-only: a worker dying, for tests/test_distributed.py's elastic restart test
 
-    # forward backward update, with gradient accumulation to simulate a larger batch
-    loss_sum = torch.zeros((), device=device)
-    first_micro = ddp_rank * gradient_accumulation_steps
-    x, y = get_batch("train", seed, 0, iter_num, first_micro)
-    for micro_step in range(gradient_accumulation_steps):
-        # reduce the gradients only on the last micro-step; the others just accumulate locally
-        if fsdp:
-            raw_model.set_requires_gradient_sync(micro_step == gradient_accumulation_steps - 1)
-        elif ddp:
-            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-        with ctx:
-            _, loss = model(x, y)
-            loss = loss / gradient_accumulation_steps  # the gradients sum over micro-steps
-        loss_sum += loss.detach()
-        if micro_step + 1 < gradient_accumulation_steps:
-            # draw the next batch while the GPU works on this one
-            x, y = get_batch("train", seed, 0, iter_num, first_micro + micro_step + 1)
-        scaler.scale(loss).backward()
-    if grad_clip != 0.0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    # forward, backward, update, with gradient accumulation to simulate a larger batch
+    lr = training.get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
+    training.set_lr(optimizer, lr)
+    t0 = time.time()
+    first_micro = dist.rank * accumulation  # this rank's share of the global step's micro-batches
+    loss = training.train_step(model, optimizer, scaler, lambda i: batches.train(iter_num, first_micro + i),
+                               accumulation, grad_clip, ctx, sync_gradients)
 
     # timing and logging
-    t1 = time.time()
-    dt = t1 - t0
-    t0 = t1
     if iter_num % log_interval == 0 and master_process:
-        lossf = loss_sum.item()  # a CPU-GPU sync, so only at log points
+        lossf = loss.item()  # a CPU-GPU sync, so only at log points
         if not math.isfinite(lossf):
             stop_diverged(f"the training loss is {lossf} at iter {iter_num}")
-        if local_iter_num >= 5:  # let the first iterations (compilation, allocation) pass
-            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps * ddp_world_size, dt, peak_flops)
-            if mfu is not None:
-                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-            running_dt = dt if running_dt is None else 0.9 * running_dt + 0.1 * dt
+        dt = time.time() - t0
+        step_timer.update(dt, metrics.mfu_per_gpu(raw_model, batch_size, accumulation, dt, peak_flops))
         tokens_per_s = tokens_per_iter / dt
-        mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else "n/a"
-        eta = format_eta((max_iters - iter_num) * (running_dt or dt))
-        print(
-            f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}, "
-            f"tok/s {tokens_per_s:,.0f}, eta {eta}"
-        )
-        record = {"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tokens_per_s": tokens_per_s}
-        log_metrics({**record, "mfu": running_mfu if running_mfu >= 0 else None})
+        mfu_text = "n/a" if step_timer.mfu is None else f"{step_timer.mfu * 100:.2f}%"
+        print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}, "
+              f"tok/s {tokens_per_s:,.0f}, eta {step_timer.eta(max_iters - iter_num - 1)}")
+        metrics.log_metrics(out_dir, {"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000,
+                                      "tokens_per_s": tokens_per_s, "mfu": step_timer.mfu})
         if wandb_log:
             wandb.log({"iter": iter_num, "train/loss_step": lossf, "tokens_per_s": tokens_per_s})
     iter_num += 1
-    local_iter_num += 1
 
-    if iter_num > max_iters:
+    # SIGTERM/SIGINT: every rank stops after the same step and saves what it has
+    if training.agree_to_stop(stop_signal.received is not None, device, dist.world_size):
+        save_checkpoint(latest=not always_save_checkpoint)
+        stopped_by_signal = True
         break
 
-if fsdp and master_process:
-    print(f"for sample.py, make a ckpt.pt of {dcp_dir}: python train.py --out_dir={out_dir} --consolidate=True")
-if ddp:
-    # free FSDP's state while Python still runs: gloo work objects it holds can abort the process if
-    # destroyed during interpreter shutdown (seen on CPU with torch 2.13, one exit in ~15)
-    del model, raw_model, optimizer
-    gc.collect()
-    destroy_process_group()
+stop_signal.uninstall()
+if stopped_by_signal and master_process:
+    print(f"stopped at iter {iter_num}; to continue, run the same command with --init_from=resume "
+          f"(out_dir={out_dir})", file=sys.stderr)
+model = raw_model = optimizer = None  # free FSDP's state before leaving the process group
+training.teardown_distributed(dist)
+if stopped_by_signal:
+    sys.exit(stop_signal.exit_code if stop_signal.received is not None else 143)

@@ -7,7 +7,9 @@ gradient clipping, AdamW) for each attention/LayerNorm implementation, with and 
 
 Models: `gpt2` (GPT-2 124M, block 1024, micro-batch 12: train.py's defaults, like nanoGPT's bench),
 `shakespeare_char` (config/shakespeare.py: 6 layers, 6 heads, 384 wide, block 256, batch 64) and
-`tiny` (for --quick). Implementations: `eager` (hand-written attention, torch LayerNorm), `sdpa`
+`tiny` (for --quick). The models, batch sizes and optimizer settings are train.py's defaults (with the
+config file, for shakespeare_char), read from train.py itself; each step is training.train_step, the
+function train.py runs. Implementations: `eager` (hand-written attention, torch LayerNorm), `sdpa`
 (F.scaled_dot_product_attention, torch LayerNorm) and `triton` (our attention and LayerNorm kernels;
 CUDA only). Batches are random tokens, fixed for the run: throughput does not depend on the data.
 Each step is one micro-batch and one optimizer step; train.py accumulates gradients over several
@@ -15,7 +17,6 @@ micro-batches per optimizer step, so there the optimizer's (constant) share of t
 Without CUDA the default is shakespeare_char at batch 4.
 """
 import functools
-import runpy
 import sys
 from pathlib import Path
 
@@ -24,56 +25,54 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from configurator import autocast  # noqa: E402
-from model import GPT, GPTConfig, gpu_peak_flops  # noqa: E402
+from configurator import autocast, script_config  # noqa: E402
+from metrics import gpu_peak_flops  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from training import train_step  # noqa: E402
 
 # impl -> (attn_impl, ln_impl) of the model
 IMPLS = {"eager": ("eager", "torch"), "sdpa": ("sdpa", "torch"), "triton": ("triton", "triton")}
-# train.py's optimizer settings
-WEIGHT_DECAY, LEARNING_RATE, BETAS, GRAD_CLIP = 0.1, 6e-4, (0.9, 0.95), 1.0
+TRAIN_SCRIPT = common.REPO / "train.py"
+# name -> train.py's arguments for it
+MODELS = {
+    "gpt2": [],  # train.py's defaults are GPT-2 124M
+    "shakespeare_char": [str(common.REPO / "config" / "shakespeare.py")],
+    "tiny": ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=4"],
+}
+VOCAB_SIZES = {"gpt2": 50304, "shakespeare_char": 65, "tiny": 65}  # 65: data/shakespeare_char's characters
 CPU_BATCH_SIZE = 4
 COLUMNS = ("model", "impl", "compile", "B", "T", "ms", "tok_s", "MFU_pct", "peak_MiB", "vs_sdpa", "vs_eager", "note")
 
 
-def model_configs() -> dict[str, tuple[GPTConfig, int]]:
-    """name -> (model config, micro-batch size)."""
-    shakespeare = runpy.run_path(str(common.REPO / "config" / "shakespeare.py"))
-    # vocab_size 65: the characters of data/shakespeare_char/meta.pkl
-    shakespeare_config = GPTConfig(vocab_size=65, bias=False,
-                                   **{k: shakespeare[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")})
-    return {
-        "gpt2": (GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768, dropout=0.0,
-                           bias=False), 12),
-        "shakespeare_char": (shakespeare_config, shakespeare["batch_size"]),
-        "tiny": (GPTConfig(block_size=64, vocab_size=65, n_layer=2, n_head=2, n_embd=64, dropout=0.0, bias=False), 4),
-    }
+def train_config(name: str) -> dict:
+    return script_config(TRAIN_SCRIPT, MODELS[name])
+
+
+def model_config(config: dict, vocab_size: int) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab_size, **{k: config[k] for k in ("n_layer", "n_head", "n_embd", "block_size",
+                                                                      "dropout", "bias")})
 
 
 def tokens_per_s(batch: int, block_size: int, ms: float) -> float:
     return batch * block_size / (ms * 1e-3)
 
 
-def bench_step(config: GPTConfig, batch: int, impl: str, use_compile: bool, device: str, dtype: str, steps: int,
-               warmup: int) -> tuple[float, float | None, float | None]:
-    """(ms per step, MFU %, peak MiB) of training steps on one fixed random batch."""
+def bench_step(config: dict, model_cfg: GPTConfig, batch: int, impl: str, use_compile: bool, device: str,
+               dtype: str, steps: int, warmup: int) -> tuple[float, float | None, float | None]:
+    """(ms per step, MFU %, peak MiB) of train.py's training step on one fixed random batch, with train.py's
+    optimizer settings and one micro-batch per step."""
     torch.manual_seed(0)
-    model = GPT(config, *IMPLS[impl]).to(device)
+    model = GPT(model_cfg, *IMPLS[impl]).to(device)
     device_type = device.split(":")[0]
-    optimizer = model.configure_optimizers(WEIGHT_DECAY, LEARNING_RATE, BETAS, device_type)
+    optimizer = model.configure_optimizers(config["weight_decay"], config["learning_rate"],
+                                           (config["beta1"], config["beta2"]), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 needs loss scaling
     ctx = autocast(device, dtype)
     forward = torch.compile(model) if use_compile else model
-    x, y = torch.randint(config.vocab_size, (2, batch, config.block_size), device=device)
+    x, y = torch.randint(model_cfg.vocab_size, (2, batch, model_cfg.block_size), device=device)
 
     def step():
-        with ctx:
-            _, loss = forward(x, y)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(forward, optimizer, scaler, lambda i: (x, y), 1, config["grad_clip"], ctx)
 
     ms = common.wall_ms(step, device, runs=steps, warmup=warmup)  # warm-up steps compile, when compiling
     mfu = model.estimate_mfu(batch, ms * 1e-3, gpu_peak_flops(device, dtype))
@@ -81,9 +80,8 @@ def bench_step(config: GPTConfig, batch: int, impl: str, use_compile: bool, devi
 
 
 def main(argv: list[str] | None = None) -> int:
-    configs = model_configs()
     p = common.parser(__doc__)
-    p.add_argument("--model", nargs="+", choices=list(configs), help="default: gpt2 shakespeare_char on GPU")
+    p.add_argument("--model", nargs="+", choices=list(MODELS), help="default: gpt2 shakespeare_char on GPU")
     p.add_argument("--impl", nargs="+", choices=list(IMPLS), default=list(IMPLS))
     p.add_argument("--compile", choices=("both", "on", "off"), help="torch.compile the model (default: both; quick: off)")
     p.add_argument("--batch_size", type=int, help="micro-batch size (default: the model's on GPU, 4 on CPU)")
@@ -105,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for name in models:
-        config, model_batch = configs[name]
+        config = train_config(name)
+        model_cfg = model_config(config, VOCAB_SIZES[name])
+        model_batch = config["batch_size"]
         batch = args.batch_size or (model_batch if gpu else min(model_batch, CPU_BATCH_SIZE))
         for use_compile in compiles:
             for impl in impls:
@@ -113,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
                 # Drop earlier compiled models, which dynamo's caches can keep alive (and count in peak_MiB),
                 # and keep clear of its recompile limit.
                 torch._dynamo.reset()
-                case = functools.partial(bench_step, config, batch, impl, use_compile, device, dtype, steps, warmup)
+                case = functools.partial(bench_step, config, model_cfg, batch, impl, use_compile, device, dtype, steps, warmup)
                 result, note = common.attempt(case)
                 ms, mfu, peak = result or (None, None, None)
                 rows.append({
-                    "model": name, "impl": impl, "compile": use_compile, "B": batch, "T": config.block_size, "ms": ms,
-                    "tok_s": tokens_per_s(batch, config.block_size, ms) if ms else None, "MFU_pct": mfu,
+                    "model": name, "impl": impl, "compile": use_compile, "B": batch, "T": model_cfg.block_size, "ms": ms,
+                    "tok_s": tokens_per_s(batch, model_cfg.block_size, ms) if ms else None, "MFU_pct": mfu,
                     "peak_MiB": peak, "note": note,
                 })
                 common.free_memory()
@@ -132,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         "timing": "wall-clock median per step, synchronized",
     }
     notes += [
-        ("A step: forward and loss under autocast, backward, gradient clipping at 1.0 and AdamW "
-         "(model.configure_optimizers: fused where PyTorch has it), on one batch of random tokens."),
+        ("A step: training.train_step, as train.py runs it: forward and loss under autocast, backward, gradient "
+         "clipping and AdamW (train.py's settings; fused where PyTorch has it), on one batch of random tokens."),
         ("MFU_pct: model.estimate_mfu (PaLM's 6N + 12·L·H·Q·T FLOPs per token) over the GPU's dense bf16/fp16 "
-         "peak in model.GPU_PEAK_FLOPS; none on CPU, in float32 or on an unlisted GPU."),
+         "peak in metrics.GPU_PEAK_FLOPS; none on CPU, in float32 or on an unlisted GPU."),
         "vs_sdpa, vs_eager: this row's tokens/s over that implementation's, same model and compile setting.",
         "peak_MiB: the most GPU memory allocated during one step (weights, gradients and AdamW state included).",
     ]

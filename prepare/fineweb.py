@@ -44,6 +44,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
+from fileio import download  # noqa: E402
 from prepare import common  # noqa: E402
 
 try:
@@ -93,7 +94,7 @@ def list_parquet_files(hub_url: str, repo: str) -> list[RemoteFile]:
 
 
 def fetch_parquet(hub_url: str, repo: str, remote: RemoteFile, cache_dir: Path) -> Path:
-    return common.download(
+    return download(
         f"{hub_url}/datasets/{repo}/resolve/main/{remote.path}", cache_dir / Path(remote.path).name,
         remote.sha256, remote.size, hint=", or point --hub_url (or $HF_ENDPOINT) at a Hugging Face mirror",
     )

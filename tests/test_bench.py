@@ -183,3 +183,19 @@ def test_script_runs_the_triton_rows_on_gpu(name, args, tmp_path):
     if name != "sample":
         triton_rows = [row for row in record["rows"] if row["impl"] == "triton"]
         assert triton_rows and all(row["ms"] for row in triton_rows)
+
+
+def test_train_bench_times_train_py_step_with_train_py_settings(monkeypatch):
+    """No copy of the step or of the settings: the bench calls training.train_step with what train.py (and,
+    for shakespeare_char, its config file) sets, read from train.py itself."""
+    import training
+
+    steps = []
+    monkeypatch.setattr(train_bench, "train_step", lambda *args: steps.append(args) or training.train_step(*args))
+    gpt2, char = train_bench.train_config("gpt2"), train_bench.train_config("shakespeare_char")
+    assert (gpt2["n_layer"], gpt2["n_embd"], gpt2["block_size"], gpt2["batch_size"]) == (12, 768, 1024, 12)
+    assert (char["n_layer"], char["n_embd"], char["block_size"], char["dropout"]) == (6, 384, 256, 0.2)
+    assert gpt2["learning_rate"] == 6e-4 and gpt2["grad_clip"] == 1.0
+    config = train_bench.train_config("tiny")
+    train_bench.bench_step(config, train_bench.model_config(config, 65), 2, "sdpa", False, "cpu", "float32", 1, 1)
+    assert len(steps) >= 2 and steps[0][5] == config["grad_clip"]  # warm-up and timed steps, train.py's clip

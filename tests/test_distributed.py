@@ -1,7 +1,9 @@
-"""train.py across processes on CPU, with gloo: FSDP against one process, sharded checkpoints (consolidated
-into ckpt.pt, resumed with another number of processes), elastic restarts after a worker dies, and two
-"nodes" meeting through a c10d rendezvous."""
+"""train.py across processes on CPU, with gloo: FSDP against one process, sharded checkpoints (read directly by
+one process and by sample.py, consolidated into ckpt.pt, resumed with another number of processes), SIGTERM
+stopping every rank at the same step, elastic restarts after a worker dies, and two "nodes" meeting through
+a c10d rendezvous. Faults come from outside train.py: a sitecustomize module in the workers."""
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -11,8 +13,9 @@ import pytest
 import torch
 
 from conftest import REPO
-from model import model_from_checkpoint
-from test_train import TINY, metrics, run_train
+from checkpoint import build_model, load_file, read_checkpoint
+from test_sample import run_sample
+from test_train import TINY, fault_env, metrics, run_train
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -26,6 +29,10 @@ def standalone(nproc: int, *options: str) -> list[str]:
 
 def val_losses(out_dir) -> dict[int, float]:
     return {m["iter"]: m["val_loss"] for m in metrics(out_dir) if "val_loss" in m}
+
+
+def model_from(path, sharded=False):
+    return build_model(read_checkpoint(path, sharded), "sdpa", "torch")
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +69,22 @@ def test_fsdp_matches_one_process(fsdp_run, reference):
     assert not (fsdp_run / "ckpt.pt").exists() and not (fsdp_run / "ckpt_dcp.tmp").exists()
 
 
-def test_consolidated_checkpoint_is_the_fsdp_model(workdir, fsdp_run, reference):
-    refused = run_train(workdir, f"--out_dir={fsdp_run.name}", "--init_from=resume", "--max_iters=9", check=False)
-    assert refused.returncode != 0 and "--consolidate=True" in refused.stderr and "Traceback" not in refused.stderr
+def test_one_process_and_sample_py_read_the_sharded_checkpoint(workdir, fsdp_run):
+    """No consolidation needed: a non-FSDP resume and sample.py load ckpt_dcp/ as it is."""
+    fsdp_val = val_losses(fsdp_run)[6]
+    run_train(workdir, f"--out_dir={fsdp_run.name}", "--init_from=resume", "--eval_only=True")
+    assert val_losses(fsdp_run)[6] == pytest.approx(fsdp_val, abs=1e-6)  # the FSDP model's outputs, to 1e-6
+    out = run_sample(workdir, f"--out_dir={fsdp_run.name}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=20")
+    assert out.stdout.split("(meta.pkl)\n", 1)[1].startswith("ROMEO:")
 
+
+def test_consolidated_checkpoint_is_the_fsdp_model(workdir, fsdp_run, reference):
     run_train(workdir, f"--out_dir={fsdp_run.name}", "--consolidate=True")
-    ckpt = torch.load(fsdp_run / "ckpt.pt", weights_only=False)
+    ckpt = load_file(fsdp_run / "ckpt.pt")
     assert set(ckpt) >= {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config"}
     assert ckpt["iter_num"] == 6
     # the same weights and optimizer state as the one-process run at the same iteration...
-    one = torch.load(reference / "ckpt6.pt", weights_only=False)
+    one = load_file(reference / "ckpt6.pt")
     assert ckpt["model"].keys() == one["model"].keys()
     for name, tensor in one["model"].items():
         torch.testing.assert_close(ckpt["model"][name], tensor, atol=1e-5, rtol=0)
@@ -79,15 +92,21 @@ def test_consolidated_checkpoint_is_the_fsdp_model(workdir, fsdp_run, reference)
     for index, state in one["optimizer"]["state"].items():
         assert ckpt["optimizer"]["state"][index]["step"] == state["step"] == 6
         torch.testing.assert_close(ckpt["optimizer"]["state"][index]["exp_avg"], state["exp_avg"], atol=1e-6, rtol=0)
+    # ...and the same model whether read from the shards or from the consolidated file
     idx = torch.randint(0, ckpt["model_args"]["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
-    logits, _ = model_from_checkpoint(ckpt)(idx, idx)
-    one_logits, _ = model_from_checkpoint(one)(idx, idx)
-    torch.testing.assert_close(logits, one_logits, atol=1e-4, rtol=0)
+    logits, _ = model_from(fsdp_run / "ckpt.pt")(idx, idx)
+    torch.testing.assert_close(model_from(fsdp_run / "ckpt_dcp", sharded=True)(idx, idx)[0], logits, atol=0, rtol=0)
+    torch.testing.assert_close(model_from(reference / "ckpt6.pt")(idx, idx)[0], logits, atol=1e-4, rtol=0)
 
-    # ...and the outputs of the FSDP model: one process evaluating ckpt.pt gets the FSDP run's last eval
-    fsdp_val = val_losses(fsdp_run)[6]
-    run_train(workdir, f"--out_dir={fsdp_run.name}", "--init_from=resume", "--eval_only=True")
-    assert val_losses(fsdp_run)[6] == pytest.approx(fsdp_val, abs=1e-6)
+
+def test_fsdp_resumes_from_a_one_process_checkpoint(workdir, reference):
+    """ckpt.pt (weights and index-keyed AdamW state) sharded into FSDP by torch's state-dict helpers."""
+    out = workdir / "fsdp_from_plain"
+    out.mkdir()
+    shutil.copy(reference / "ckpt6.pt", out / "ckpt.pt")
+    run_train(workdir, *COMMON, f"--out_dir={out.name}", "--max_iters=9", "--parallel=fsdp", "--init_from=resume",
+              launcher=standalone(2), env=ENV)
+    assert val_losses(out)[9] == pytest.approx(val_losses(reference)[9], abs=1e-5)
 
 
 def test_fsdp_resumes_with_another_number_of_processes(workdir, fsdp_run, reference):
@@ -101,11 +120,11 @@ def test_fsdp_resumes_with_another_number_of_processes(workdir, fsdp_run, refere
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_elastic_restart_resumes_from_the_last_checkpoint(workdir, reference, parallel):
-    """Rank 1 dies at iter 4 (checkpoint at 3); torchrun restarts both workers, which resume at 3 by themselves."""
+def test_elastic_restart_resumes_from_the_last_checkpoint(workdir, reference, parallel, tmp_path):
+    """Rank 1 dies after 5 steps (checkpoint at 3); torchrun restarts both workers, which resume at 3 by themselves."""
     out = workdir / f"elastic_{parallel}"
     # without TORCH_DISABLE_SHARE_RDZV_TCP_STORE the restarted workers may dial the dead ones (docs/scaling.md)
-    env = {**ENV, "TRITONGPT_TEST_CRASH_AT_ITER": "4", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = {**fault_env(tmp_path, "os._exit(1)", after_steps=5, rank=1, env=ENV), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     run_train(workdir, *COMMON, f"--out_dir={out.name}", "--max_iters=6", f"--parallel={parallel}",
               launcher=standalone(2, "--max-restarts=1"), env=env)
     assert [m for m in metrics(out) if "event" in m] == [{"iter": 3, "event": "resume", "restart": 1}]
@@ -113,10 +132,29 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(workdir, reference, pa
     assert val_losses(out) == pytest.approx({i: ref[i] for i in (0, 3, 6)}, abs=1e-5)
     if parallel == "fsdp":
         run_train(workdir, f"--out_dir={out.name}", "--consolidate=True")
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = load_file(out / "ckpt.pt")
     # iterations 3 and on ran twice, but their first run's effect was lost with the worker: 6 steps in all
     assert ckpt["iter_num"] == 6
     assert {state["step"].item() for state in ckpt["optimizer"]["state"].values()} == {6}
+
+
+def test_sigterm_stops_every_rank_at_the_same_step_and_resume_continues(workdir, reference, tmp_path):
+    """SIGTERM reaches rank 1 only, after its 5th step: both ranks agree to stop after that step, save it
+    together (DDP: ckpt.pt) and exit 143; the resumed run then ends where an uninterrupted one does."""
+    out = workdir / "sigterm"
+    env = fault_env(tmp_path, "os.kill(os.getpid(), signal.SIGTERM)", after_steps=5, rank=1, env=ENV)
+    stopped = run_train(workdir, *COMMON, f"--out_dir={out.name}", "--max_iters=9", launcher=standalone(2), env=env,
+                        check=False)
+    assert stopped.returncode != 0
+    assert "SIGTERM received" in stopped.stderr and "stopped at iter 5" in stopped.stderr
+    assert re.search(r"exitcode\s*:\s*143", stopped.stderr)  # torchrun's report of the workers: 128 + SIGTERM
+    assert load_file(out / "ckpt.pt")["iter_num"] == 5  # not an eval point: saved by the signal
+    run_train(workdir, *COMMON, f"--out_dir={out.name}", "--max_iters=6", "--init_from=resume",
+              launcher=standalone(2), env=ENV)
+    assert val_losses(out)[6] == pytest.approx(val_losses(reference)[6], abs=1e-5)
+    one = load_file(reference / "ckpt6.pt")["model"]
+    for name, tensor in load_file(out / "ckpt.pt")["model"].items():
+        torch.testing.assert_close(tensor, one[name], atol=1e-5, rtol=0)
 
 
 def test_two_nodes_meet_through_c10d_rendezvous(workdir, reference, tmp_path):
@@ -145,5 +183,5 @@ def test_parallel_mistakes_are_clear_errors(workdir):
     unknown = run_train(workdir, "--parallel=zero3", "--max_iters=1", check=False)
     assert unknown.returncode != 0 and "'ddp' or 'fsdp'" in unknown.stderr
     nothing = run_train(workdir, "--out_dir=empty", "--consolidate=True", check=False)
-    assert nothing.returncode != 0 and "ckpt_dcp" in nothing.stderr
+    assert nothing.returncode != 0 and "ckpt_dcp" in nothing.stderr and "not found" in nothing.stderr
     assert "Traceback" not in no_torchrun.stderr + unknown.stderr + nothing.stderr

@@ -14,7 +14,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402  (after the importorskip)
 
-from model import GPT, GPT2_NAMES, GPTConfig, gelu_approximate, set_gelu_approximate  # noqa: E402
+from hf import GPT2_NAMES  # noqa: E402
+from model import GPT, GPTConfig, gelu_approximate, set_gelu_approximate  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -148,6 +149,20 @@ def test_hub_layout_and_pytorch_bin(tmp_path):
         write(state, directory / ("model.safetensors" if name == "safetensors" else "pytorch_model.bin"))
         model = GPT.from_pretrained(str(directory), attn_impl="sdpa", ln_impl="torch")
         assert max_diff(our_logits(model, idx), expected) < TOL, name
+
+
+def test_a_pytorch_bin_that_would_run_code_is_refused(tmp_path):
+    """Weights downloaded from someone else: pytorch_model.bin is read with weights_only=True."""
+    from checkpoint import CheckpointError
+    from test_checkpoint import CreatesAFile
+
+    hf = random_hf_model()
+    hf.config.to_json_file(tmp_path / "config.json")
+    marker = tmp_path / "created_by_unpickling"
+    torch.save({"wte.weight": CreatesAFile(marker)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"refusing to load .*pytorch_model\.bin"):
+        GPT.from_pretrained(str(tmp_path), attn_impl="sdpa", ln_impl="torch")
+    assert not marker.exists()
 
 
 def test_sharded_safetensors(tmp_path):

@@ -39,18 +39,39 @@ def test_mixed_impls_agree():
 
 
 def test_auto_never_picks_the_interpreter_on_cpu():
-    q = torch.zeros(1, 2, 4, 16)
-    assert model_module.resolve_attn_impl("auto", q) == ("triton" if q.is_cuda else "sdpa")
-    assert model_module.resolve_ln_impl("auto", q) == "torch"
+    cpu = torch.device("cpu")
+    assert model_module.resolve_attn_impl("auto", 16, torch.float32, cpu) == "sdpa"
+    assert model_module.resolve_ln_impl("auto", torch.float32, cpu) == "torch"
+
+
+def test_the_choice_is_resolved_once_per_device(monkeypatch):
+    """Resolved at the first forward on a device, then reused: a forward does not ask again."""
+    model = GPT(CONFIG, "auto", "auto")
+    x = torch.randint(0, CONFIG.vocab_size, (1, 8))
+    model(x)
+    assert (model.resolved_attn_impl, model.resolved_ln_impl) == ("sdpa", "torch")
+    assert {m.impl for m in model.modules() if hasattr(m, "impl")} == {"sdpa", "torch"}
+    monkeypatch.setattr(model_module, "resolve_attn_impl", lambda *a: pytest.fail("resolved again"))
+    model(x)
+    model.use_impl("eager", "torch", "cpu")  # a measured choice is kept too
+    model(x)
+    assert {m.impl for m in model.modules() if hasattr(m, "impl")} == {"eager", "torch"}
+
+
+def test_triton_decoding_says_once_that_sdpa_runs_the_single_token_steps(capsys):
+    model = GPT(CONFIG, "triton", "torch").to(KERNEL_DEVICE).eval()
+    prompt = torch.randint(0, CONFIG.vocab_size, (1, 5), device=KERNEL_DEVICE)
+    model.generate(prompt, 4, temperature=0)
+    model.generate(prompt, 4, temperature=0)
+    assert capsys.readouterr().err.count("single-token decoding steps run SDPA") == 1
 
 
 @pytest.mark.gpu
 def test_auto_picks_triton_on_cuda_where_supported():
-    q = torch.zeros(1, 2, 4, 64, device="cuda", dtype=torch.bfloat16)
-    assert model_module.resolve_attn_impl("auto", q) == "triton"
-    assert model_module.resolve_ln_impl("auto", q) == "triton"
-    wide = torch.zeros(1, 2, 4, 256, device="cuda", dtype=torch.bfloat16)
-    assert model_module.resolve_attn_impl("auto", wide) == "sdpa"  # head dim beyond the kernel's 128
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    assert model_module.resolve_attn_impl("auto", 64, torch.bfloat16, cuda) == "triton"
+    assert model_module.resolve_ln_impl("auto", torch.bfloat16, cuda) == "triton"
+    assert model_module.resolve_attn_impl("auto", 256, torch.bfloat16, cuda) == "sdpa"  # beyond the kernel's 128
 
 
 @pytest.mark.gpu

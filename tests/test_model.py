@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from model import GPT, GPTConfig, clean_state_dict, model_from_checkpoint, sample_next_token
+from checkpoint import Checkpoint, CheckpointError, build_model, clean_state_dict, load_weights_into
+from model import GPT, GPTConfig, sample_next_token
 
 TINY = GPTConfig(block_size=32, vocab_size=71, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
 
@@ -111,6 +112,18 @@ def test_mfu_is_none_without_a_known_peak():
     assert mfu == pytest.approx(model.flops_per_token() * TINY.block_size * 4 / 1e12)
 
 
+def test_mfu_is_per_gpu_under_data_parallelism():
+    """train.py's call: a process's own micro-batches over one GPU's peak. With 8 processes sharing a global
+    batch of 8 x 5 micro-batches, each runs 5; counting all 40 against one GPU's peak would be 8x too high."""
+    from metrics import mfu_per_gpu
+
+    model = tiny_model()
+    flops_per_sequence = model.flops_per_token() * TINY.block_size
+    per_gpu = mfu_per_gpu(model, batch_size=12, accumulation_steps_per_rank=5, dt=0.5, peak_flops=1e12)
+    assert per_gpu == pytest.approx(flops_per_sequence * 12 * 5 / 0.5 / 1e12)
+    assert mfu_per_gpu(model, 12, 5, 0.5, None) is None
+
+
 def test_invalid_impl_names():
     with pytest.raises(ValueError, match="attn_impl must be one of"):
         tiny_model("flash")
@@ -135,13 +148,13 @@ def test_checkpoint_round_trip_strips_compile_prefix_and_mask_buffers():
     model = tiny_model()
     state = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
     state["_orig_mod.transformer.h.0.attn.bias"] = torch.ones(1, 1, 32, 32).tril()  # nanoGPT without flash
-    checkpoint = {"model": state, "model_args": {**TINY.__dict__, "unknown_future_key": 1}}
-    loaded = model_from_checkpoint(checkpoint, attn_impl="eager", ln_impl="torch")
+    checkpoint = {"model": state, "model_args": {**TINY.__dict__, "unknown_future_key": 1}, "iter_num": 0}
+    loaded = build_model(Checkpoint("ckpt.pt", False, checkpoint), attn_impl="eager", ln_impl="torch")
     x = torch.randint(0, TINY.vocab_size, (2, 9))
     torch.testing.assert_close(loaded(x)[0], model(x)[0])
     assert set(clean_state_dict(state)) == set(model.state_dict())
-    with pytest.raises(ValueError, match="'model_args' entry is missing"):
-        model_from_checkpoint({"model": state})
+    with pytest.raises(CheckpointError, match="ckpt.pt has no 'model' entry"):
+        load_weights_into(Checkpoint("ckpt.pt", False, {"model_args": TINY.__dict__}), model)
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -190,9 +203,9 @@ def test_checkpoint_keeps_gpt2_tanh_gelu():
     model = tiny_model()
     set_gelu_approximate(model, "tanh")
     checkpoint = {"model": model.state_dict(), "model_args": dict(TINY.__dict__), "gelu_approximate": "tanh"}
-    assert gelu_approximate(model_from_checkpoint(checkpoint)) == "tanh"
+    assert gelu_approximate(build_model(Checkpoint("ckpt.pt", False, checkpoint))) == "tanh"
     del checkpoint["gelu_approximate"]  # nanoGPT's checkpoints: exact GELU
-    assert gelu_approximate(model_from_checkpoint(checkpoint)) == "none"
+    assert gelu_approximate(build_model(Checkpoint("ckpt.pt", False, checkpoint))) == "none"
 
 
 def test_kv_cache_refill_conditions_on_the_kept_window(monkeypatch):

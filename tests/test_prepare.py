@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import fileio
 from prepare import common
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,7 +91,7 @@ def server():
 def no_sleep(monkeypatch):
     """Retries back off with time.sleep; record the waits instead of waiting."""
     waits = []
-    monkeypatch.setattr(common.time, "sleep", waits.append)
+    monkeypatch.setattr(fileio.time, "sleep", waits.append)
     return waits
 
 
@@ -116,11 +117,11 @@ def sha(b: bytes) -> str:
 def test_download_full_file(server, tmp_path):
     body = os.urandom(300_000)
     server.files["/a/file.bin"] = body
-    dest = common.download(server.url + "/a/file.bin", tmp_path / "sub" / "file.bin", sha(body), len(body))
+    dest = fileio.download(server.url + "/a/file.bin", tmp_path / "sub" / "file.bin", sha(body), len(body))
     assert dest.read_bytes() == body
     assert sorted(p.name for p in dest.parent.iterdir()) == ["file.bin"]
     # Already there and verified: no second request.
-    common.download(server.url + "/a/file.bin", dest, sha(body), len(body))
+    fileio.download(server.url + "/a/file.bin", dest, sha(body), len(body))
     assert len(server.requests) == 1
 
 
@@ -128,7 +129,7 @@ def test_download_resumes_a_cut_connection(server, tmp_path, no_sleep):
     body = os.urandom(1_000_000)
     server.files["/big.bin"] = body
     server.drop_after["/big.bin"] = 300_000
-    dest = common.download(server.url + "/big.bin", tmp_path / "big.bin", sha(body), len(body), chunk_size=8192)
+    dest = fileio.download(server.url + "/big.bin", tmp_path / "big.bin", sha(body), len(body), chunk_size=8192)
     assert dest.read_bytes() == body
     (_, first), (_, second) = server.requests
     assert first is None
@@ -141,7 +142,7 @@ def test_download_resumes_a_part_file_from_an_earlier_run(server, tmp_path):
     body = os.urandom(50_000)
     server.files["/f"] = body
     (tmp_path / "f.part").write_bytes(body[:12_345])
-    assert common.download(server.url + "/f", tmp_path / "f", sha(body)).read_bytes() == body
+    assert fileio.download(server.url + "/f", tmp_path / "f", sha(body)).read_bytes() == body
     assert server.requests == [("/f", "bytes=12345-")]
 
 
@@ -150,43 +151,43 @@ def test_download_restarts_when_the_server_ignores_range(server, tmp_path):
     server.files["/f"] = body
     server.ignore_range = True
     (tmp_path / "f.part").write_bytes(b"x" * 20_000)
-    assert common.download(server.url + "/f", tmp_path / "f", sha(body)).read_bytes() == body
+    assert fileio.download(server.url + "/f", tmp_path / "f", sha(body)).read_bytes() == body
 
 
 def test_download_retries_server_errors_with_backoff(server, tmp_path, no_sleep):
     server.files["/f"] = b"hello"
     server.fail_once["/f"] = 503
-    assert common.download(server.url + "/f", tmp_path / "f", backoff=2.0).read_bytes() == b"hello"
+    assert fileio.download(server.url + "/f", tmp_path / "f", backoff=2.0).read_bytes() == b"hello"
     assert no_sleep == [2.0]
 
 
 def test_download_corrupt_file_is_caught_and_deleted(server, tmp_path):
     server.files["/f"] = b"not what we wanted"
-    with pytest.raises(common.PrepareError, match=r"corrupt: its sha256 is [0-9a-f]{64}, expected 0{64}"):
-        common.download(server.url + "/f", tmp_path / "f", "0" * 64)
-    with pytest.raises(common.PrepareError, match="it has 18 bytes, expected 17"):
-        common.download(server.url + "/f", tmp_path / "f", size=17)
+    with pytest.raises(fileio.DownloadError, match=r"corrupt: its sha256 is [0-9a-f]{64}, expected 0{64}"):
+        fileio.download(server.url + "/f", tmp_path / "f", "0" * 64)
+    with pytest.raises(fileio.DownloadError, match="it has 18 bytes, expected 17"):
+        fileio.download(server.url + "/f", tmp_path / "f", size=17)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_download_http_error_is_not_retried(server, tmp_path):
-    with pytest.raises(common.PrepareError, match=r"HTTP 404.*by hand to"):
-        common.download(server.url + "/missing", tmp_path / "f")
+    with pytest.raises(fileio.DownloadError, match=r"HTTP 404.*by hand to"):
+        fileio.download(server.url + "/missing", tmp_path / "f")
     assert len(server.requests) == 1
 
 
 def test_existing_file_is_verified_not_downloaded(tmp_path):
     (tmp_path / "f").write_bytes(b"abc")
     # The URL is unreachable, so any download attempt would fail.
-    assert common.download(closed_port_url(), tmp_path / "f", sha(b"abc"), 3) == tmp_path / "f"
-    with pytest.raises(common.PrepareError, match=r"already exists but its sha256 is .*delete it"):
-        common.download(closed_port_url(), tmp_path / "f", sha(b"abd"))
+    assert fileio.download(closed_port_url(), tmp_path / "f", sha(b"abc"), 3) == tmp_path / "f"
+    with pytest.raises(fileio.DownloadError, match=r"already exists but its sha256 is .*delete it"):
+        fileio.download(closed_port_url(), tmp_path / "f", sha(b"abd"))
 
 
 def test_offline_error_says_what_to_do(tmp_path, monkeypatch, no_sleep):
     monkeypatch.delenv(common.MIRROR_ENV, raising=False)
     dest = tmp_path / "input.txt"
-    with pytest.raises(common.PrepareError) as e:
+    with pytest.raises(fileio.DownloadError) as e:
         common.fetch(closed_port_url(), dest, "tinyshakespeare/input.txt")
     message = str(e.value)
     assert "Could not download" in message and "5 attempts" in message
@@ -434,7 +435,7 @@ def test_fineweb_errors(fineweb_hub, tmp_path):
     name = FINEWEB_FILES + "sample/10BT/000_00000.parquet"
     good = server.files[name]
     server.files[name] = good[:-1] + b"X"  # same size, wrong sha256
-    with pytest.raises(common.PrepareError, match=r"000_00000\.parquet is corrupt: its sha256"):
+    with pytest.raises(fileio.DownloadError, match=r"000_00000\.parquet is corrupt: its sha256"):
         run_fineweb("--hub_url", server.url, "--shard_size", "1000", "--data_dir", str(tmp_path / "a"))
     server.files[name] = good
     with pytest.raises(common.PrepareError, match="only 1 shard"):

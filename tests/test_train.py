@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from checkpoint import load_file
 from conftest import REPO
 
 TINY = [
@@ -35,9 +36,35 @@ def run_train(cwd, *args, check=True, env=None, launcher=None):
     return out
 
 
+def fault_env(tmp_path, action: str, after_steps: int, rank: int | None = None, env: dict | None = None) -> dict:
+    """An environment whose Python processes load a sitecustomize that runs `action` (Python source, with os
+    and signal imported) right after the `after_steps`-th optimizer step: in every process, or only in the
+    torchrun worker of that rank, and only before any elastic restart. Faults come from outside train.py."""
+    env = dict(os.environ if env is None else env)
+    rank_check = "True" if rank is None else f"os.environ.get('RANK') == '{rank}'"
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os\n"
+        f"if {rank_check} and os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0':\n"
+        "    import signal\n"
+        "    import torch\n"
+        "    from torch.optim.optimizer import register_optimizer_step_post_hook\n"
+        "    steps = []\n"
+        "    def fault(optimizer, args, kwargs):\n"
+        "        steps.append(1)\n"
+        f"        if len(steps) == {after_steps}:\n"
+        f"            {action}\n"
+        "    register_optimizer_step_post_hook(fault)\n"
+    )
+    return {**env, "PYTHONPATH": os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])}
+
+
 def metrics(out_dir):
     with open(out_dir / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]
+
+
+def val_losses(out_dir):
+    return {m["iter"]: m["val_loss"] for m in metrics(out_dir) if "val_loss" in m}
 
 
 def step_losses(out_dir):
@@ -51,9 +78,9 @@ def test_resume_reproduces_uninterrupted_run(workdir):
     run_train(workdir, *common, "--out_dir=split", "--max_iters=10")
     run_train(workdir, *common, "--out_dir=split", "--max_iters=20", "--init_from=resume")
     full, split = step_losses(workdir / "full"), step_losses(workdir / "split")
-    assert sorted(full) == list(range(21))
-    assert {i: split[i] for i in range(10, 21)} == {i: full[i] for i in range(10, 21)}
-    ckpt = torch.load(workdir / "split" / "ckpt.pt", weights_only=False)
+    assert sorted(full) == list(range(20))  # max_iters steps, then the final eval and checkpoint
+    assert {i: split[i] for i in range(10, 20)} == {i: full[i] for i in range(10, 20)}
+    ckpt = load_file(workdir / "split" / "ckpt.pt")
     assert ckpt["iter_num"] == 20 and set(ckpt) >= {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config"}
     assert set(ckpt["model_args"]) == {"n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout"}
 
@@ -66,7 +93,7 @@ def test_best_val_loss_is_never_overwritten_by_a_worse_one(workdir):
               "--learning_rate=0.5", "--warmup_iters=0", "--decay_lr=False")
     vals = [m["val_loss"] for m in metrics(out) if "val_loss" in m]
     assert vals[-1] > min(vals), "the run must get worse at some eval for this test to mean anything"
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = load_file(out / "ckpt.pt")
     assert ckpt["iter_num"] == 30  # always_save_checkpoint saved the last weights...
     assert ckpt["best_val_loss"] == pytest.approx(min(vals))  # ...without forgetting the best loss
 
@@ -80,7 +107,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir):
     )
     assert result.returncode != 0
     assert "training diverged" in result.stderr and "Traceback" not in result.stderr
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = load_file(out / "ckpt.pt")
     assert ckpt["iter_num"] == 4  # the resumed run's first eval, before the first bad step
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -105,7 +132,7 @@ def test_killed_checkpoint_write_leaves_old_checkpoint_loadable(tmp_path):
     path = tmp_path / "ckpt.pt"
     torch.save({"iter_num": 1, "w": torch.ones(3)}, path)
     code = (
-        "import os, signal, torch; from data import atomic_open\n"
+        "import os, signal, torch; from fileio import atomic_open\n"
         f"with atomic_open({str(path)!r}) as f:\n"
         "    f.write(b'half a checkpoint')\n"
         "    f.flush()\n"
@@ -113,7 +140,7 @@ def test_killed_checkpoint_write_leaves_old_checkpoint_loadable(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=120)
     assert result.returncode == -signal.SIGKILL
-    assert torch.load(path, weights_only=False)["iter_num"] == 1
+    assert torch.load(path, weights_only=True)["iter_num"] == 1
 
 
 def test_torchrun_two_processes_match_one_process(workdir):
@@ -137,3 +164,78 @@ def test_eval_only_prints_loss_and_perplexity(workdir):
     perplexity = float(result.stdout.split("val perplexity ")[1].split()[0])
     assert perplexity == pytest.approx(math.exp(val), rel=1e-3)
     assert "iter 0:" not in result.stdout  # no training step
+
+
+def test_the_last_steps_are_evaluated_and_saved(workdir):
+    """max_iters=7 is not a multiple of eval_interval=5: the run still ends with an eval and a checkpoint at 7,
+    and its first log line has no ETA from the warm-up step."""
+    out = workdir / "last"
+    result = run_train(workdir, f"--out_dir={out.name}", "--max_iters=7", "--eval_interval=5")
+    assert sorted(val_losses(out)) == [0, 5, 7]
+    assert load_file(out / "ckpt.pt")["iter_num"] == 7
+    assert "iter 0: " in result.stdout and "eta measuring" in result.stdout.split("iter 0: ")[1].splitlines()[0]
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_best_checkpoint_is_kept_and_resume_takes_the_latest(workdir):
+    """always_save_checkpoint=False: ckpt.pt is the best model, never overwritten by a worse one; the latest
+    state goes to ckpt_latest.pt, and init_from=resume continues from it."""
+    out = workdir / "keep_best"
+    common = [f"--out_dir={out.name}", "--eval_interval=5", "--always_save_checkpoint=False"]
+    run_train(workdir, *common, "--max_iters=10")
+    assert load_file(out / "ckpt.pt")["iter_num"] == 10 and not (out / "ckpt_latest.pt").exists()
+    # far too high a learning rate: every later eval is worse
+    run_train(workdir, *common, "--init_from=resume", "--max_iters=20", "--learning_rate=0.5", "--warmup_iters=0",
+              "--decay_lr=False")
+    vals = val_losses(out)
+    assert vals[15] > vals[10] and vals[20] > vals[10]
+    best, latest = load_file(out / "ckpt.pt"), load_file(out / "ckpt_latest.pt")
+    assert best["iter_num"] == 10 and best["best_val_loss"] == pytest.approx(vals[10])
+    assert latest["iter_num"] == 20 and latest["best_val_loss"] == pytest.approx(vals[10])
+    result = run_train(workdir, *common, "--init_from=resume", "--max_iters=21")
+    assert "resuming from keep_best/ckpt_latest.pt at iter 20" in result.stdout
+
+
+def test_early_stopping_stops_after_patience_evals_without_improvement(workdir):
+    out = workdir / "early"
+    common = [f"--out_dir={out.name}", "--eval_interval=2", "--early_stopping_patience=2"]
+    run_train(workdir, *common, "--max_iters=4")
+    result = run_train(workdir, *common, "--init_from=resume", "--max_iters=100", "--learning_rate=0.5",
+                       "--warmup_iters=0", "--decay_lr=False")
+    assert sorted(val_losses(out)) == [0, 2, 4, 6, 8]  # 6 and 8 are worse than 4: two evals, then stop
+    assert "early stopping at iter 8" in result.stdout and "for 2 evals" in result.stdout
+    assert load_file(out / "ckpt.pt")["best_val_loss"] == pytest.approx(val_losses(out)[4])
+    bad = run_train(workdir, "--early_stopping_patience=-1", "--max_iters=1", check=False)
+    assert bad.returncode != 0 and "early_stopping_patience must be >= 0" in bad.stderr
+
+
+def test_ctrl_c_saves_after_the_step_and_resume_continues_exactly(workdir, tmp_path):
+    """SIGINT after the 7th step: the step finishes, the state is saved (between evals), the exit says how to
+    resume, and the resumed run draws the very losses of an uninterrupted one (dropout on: RNG included)."""
+    common = ["--dropout=0.1", "--eval_interval=5", "--gradient_accumulation_steps=2"]
+    run_train(workdir, *common, "--out_dir=uninterrupted", "--max_iters=12")
+    env = fault_env(tmp_path, "os.kill(os.getpid(), signal.SIGINT)", after_steps=7)
+    stopped = run_train(workdir, *common, "--out_dir=interrupted", "--max_iters=12", env=env, check=False)
+    assert stopped.returncode == 130, stopped.stderr
+    assert "SIGINT received" in stopped.stderr and "stopped at iter 7" in stopped.stderr
+    assert "--init_from=resume" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert load_file(workdir / "interrupted" / "ckpt.pt")["iter_num"] == 7
+    run_train(workdir, *common, "--out_dir=interrupted", "--max_iters=12", "--init_from=resume")
+    full, resumed = step_losses(workdir / "uninterrupted"), step_losses(workdir / "interrupted")
+    assert {i: resumed[i] for i in range(12)} == full
+
+
+def test_a_second_ctrl_c_aborts_at_once(workdir, tmp_path):
+    env = fault_env(tmp_path, "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT)", after_steps=3)
+    result = run_train(workdir, "--out_dir=aborted", "--max_iters=12", "--eval_interval=5", env=env, check=False)
+    assert result.returncode != 0
+    assert "aborted by a second Ctrl-C" in result.stderr and "Traceback" not in result.stderr
+    assert not (workdir / "aborted" / "ckpt.pt").exists()  # nothing saved, nothing torn
+    assert not [p for p in (workdir / "aborted").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_sigterm_exits_143_after_saving(workdir, tmp_path):
+    env = fault_env(tmp_path, "os.kill(os.getpid(), signal.SIGTERM)", after_steps=3)
+    result = run_train(workdir, "--out_dir=preempted", "--max_iters=12", "--eval_interval=5", env=env, check=False)
+    assert result.returncode == 143 and "SIGTERM received" in result.stderr
+    assert load_file(workdir / "preempted" / "ckpt.pt")["iter_num"] == 3

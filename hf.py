@@ -1,0 +1,241 @@
+"""GPT-2 weights in Hugging Face's format: read them into our GPT (from the hub or a local directory) and
+write them back, with no need for `transformers`.
+
+Hugging Face's GPT2LMHeadModel uses our parameter names (nanoGPT took them from OpenAI's GPT-2), with
+two differences in storage: its Conv1D layers keep Linear weights transposed, as (in, out), and the
+lm_head, tied to wte, is not stored at all.
+
+One difference in the math: GPT-2's MLP uses the tanh approximation of GELU ("gelu_new"), nanoGPT the
+exact one. Even a randomly initialized GPT-2 (124M) has logits ~1e-3 apart under the two, so a model
+loaded from HF weights runs its GELUs with approximate="tanh" and matches HF's logits. This is a setting
+of the modules (model.set_gelu_approximate), not a GPTConfig field, so checkpoints keep nanoGPT's
+model_args; checkpoint.py records it under a key of its own, which nanoGPT ignores.
+"""
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from checkpoint import load_file
+from fileio import atomic_open, download
+from model import GPT, GPTConfig, LayerNorm, gelu_approximate, set_gelu_approximate
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M and 1558M parameters
+HF_ENDPOINT = "https://huggingface.co"
+HF_ENDPOINT_ENV = "TRITONGPT_HF_ENDPOINT"  # a mirror of the hub (or, in the tests, a local server)
+CACHE_ENV = "TRITONGPT_CACHE"  # downloads go to $TRITONGPT_CACHE/<name>, by default ~/.cache/tritongpt/<name>
+HF_CONFIG = "config.json"
+HF_SAFETENSORS = "model.safetensors"
+HF_SAFETENSORS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint: which shard holds each tensor
+HF_PYTORCH_BIN = "pytorch_model.bin"
+HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_GELU_APPROXIMATE = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # nn.GELU's name
+# GPT2Config's defaults: transformers leaves a key out of config.json when it has its default value.
+HF_GPT2_DEFAULTS = dict(
+    vocab_size=50257,
+    n_positions=1024,
+    n_embd=768,
+    n_layer=12,
+    n_head=12,
+    n_inner=None,
+    activation_function="gelu_new",
+    layer_norm_epsilon=1e-5,
+    scale_attn_weights=True,
+    scale_attn_by_inverse_layer_idx=False,
+    tie_word_embeddings=True,
+)
+GPT2_EOT = 50256  # <|endoftext|>, GPT-2's bos and eos token
+
+
+def gpt2_download(name: str) -> Path:
+    """The cache directory of a GPT-2 size, after downloading its config and weights there if needed."""
+    endpoint = os.environ.get(HF_ENDPOINT_ENV, HF_ENDPOINT).rstrip("/")
+    directory = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tritongpt") / name
+    hint = (
+        f", or set {HF_ENDPOINT_ENV} to a mirror of {HF_ENDPOINT}, or pass a directory holding "
+        f"{HF_CONFIG} and {HF_SAFETENSORS} instead of {name!r}"
+    )
+    for file in (HF_CONFIG, HF_SAFETENSORS):
+        download(f"{endpoint}/openai-community/{name}/resolve/main/{file}", directory / file, hint=hint)
+    return directory
+
+
+def gpt2_directory(name_or_dir: str) -> Path:
+    if name_or_dir in GPT2_NAMES:
+        return gpt2_download(name_or_dir)
+    directory = Path(name_or_dir)
+    if not directory.is_dir():
+        raise ValueError(
+            f"{name_or_dir!r} is neither a GPT-2 model name ({', '.join(GPT2_NAMES)}) nor a directory; a local "
+            f"directory in Hugging Face GPT-2 format ({HF_CONFIG} + {HF_SAFETENSORS}, as save_pretrained "
+            "writes) works too"
+        )
+    return directory
+
+
+def gpt_config_from_hf(hf_config: dict, source: Path, dropout: float) -> tuple[GPTConfig, str]:
+    """Our config and GELU approximation for an HF config.json; an error for anything that would make
+    this GPT compute differently from HF's GPT2LMHeadModel."""
+    hf = {**HF_GPT2_DEFAULTS, **hf_config}
+    problems = []
+    if hf.get("model_type") != "gpt2":
+        problems.append(f"model_type is {hf.get('model_type')!r}, not 'gpt2'")
+    if hf["activation_function"] not in HF_GELU_APPROXIMATE:
+        problems.append(f"activation_function is {hf['activation_function']!r}, not one of {list(HF_GELU_APPROXIMATE)}")
+    if hf["layer_norm_epsilon"] != 1e-5:
+        problems.append(f"layer_norm_epsilon is {hf['layer_norm_epsilon']}, not 1e-5")
+    if hf["n_inner"] not in (None, 4 * hf["n_embd"]):
+        problems.append(f"n_inner is {hf['n_inner']}, not 4 * n_embd")
+    if not hf["scale_attn_weights"] or hf["scale_attn_by_inverse_layer_idx"]:
+        problems.append("attention scores are not scaled by 1/sqrt(head size) alone")
+    if not hf["tie_word_embeddings"]:
+        problems.append("lm_head is not tied to the token embedding")
+    if hf["n_embd"] % hf["n_head"]:
+        problems.append(f"n_embd {hf['n_embd']} is not divisible by n_head {hf['n_head']}")
+    if problems:
+        raise ValueError(f"{source} is not a GPT-2 config this model can load: {'; '.join(problems)}")
+    config = GPTConfig(
+        block_size=hf["n_positions"],
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        dropout=dropout,
+        bias=True,
+    )
+    return config, HF_GELU_APPROXIMATE[hf["activation_function"]]
+
+
+def hf_weight_files(directory: Path) -> list[Path]:
+    """The files holding an HF checkpoint's tensors: model.safetensors, its shards, or pytorch_model.bin."""
+    if (directory / HF_SAFETENSORS).is_file():
+        return [directory / HF_SAFETENSORS]
+    if (directory / HF_SAFETENSORS_INDEX).is_file():
+        weight_map = json.loads((directory / HF_SAFETENSORS_INDEX).read_text())["weight_map"]
+        return [directory / shard for shard in sorted(set(weight_map.values()))]
+    if (directory / HF_PYTORCH_BIN).is_file():
+        return [directory / HF_PYTORCH_BIN]
+    raise FileNotFoundError(f"{directory} has no {HF_SAFETENSORS} (nor {HF_SAFETENSORS_INDEX} or {HF_PYTORCH_BIN})")
+
+
+def read_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs, one tensor in memory at a time where the format allows (safetensors)."""
+    for file in files:
+        if file.suffix == ".bin":
+            yield from load_file(file, fix="delete it and download it again").items()
+            continue
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def our_name(hf_name: str) -> str | None:
+    """Our parameter name for an HF GPT-2 tensor; None for what we do not keep: the tied lm_head and the
+    causal-mask buffers (attn.bias, attn.masked_bias) of older checkpoints."""
+    name = hf_name.removeprefix("transformer.")  # the hub's files were saved from GPT2Model: no prefix
+    if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
+        return None
+    return f"transformer.{name}"
+
+
+@torch.no_grad()
+def load_hf_tensors(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], source: Path) -> None:
+    """Copy HF GPT-2 tensors into the model, checking that every parameter gets one of the right shape."""
+    params = dict(model.named_parameters())  # the tied lm_head.weight is listed once, as transformer.wte.weight
+    missing = set(params)
+    for hf_name, tensor in tensors:
+        name = our_name(hf_name)
+        if name is None:
+            continue
+        if name not in params:
+            raise ValueError(f"{source} has a tensor {hf_name!r} that GPT-2 does not have")
+        if name.endswith(HF_CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        if tensor.shape != params[name].shape:
+            raise ValueError(
+                f"{source}: {hf_name} has shape {tuple(tensor.shape)}, but {HF_CONFIG} implies "
+                f"{tuple(params[name].shape)}{' (transposed, as Conv1D)' if name.endswith(HF_CONV1D_WEIGHTS) else ''}"
+            )
+        params[name].copy_(tensor)
+        missing.discard(name)
+    if missing:
+        raise ValueError(f"{source} lacks {len(missing)} of the model's tensors: {', '.join(sorted(missing)[:5])}")
+
+
+def load_hf_gpt2(name_or_dir: str, override_args: dict, attn_impl: str, ln_impl: str) -> GPT:
+    unsupported = sorted(set(override_args) - {"dropout"})
+    if unsupported:
+        raise ValueError(
+            f"from_pretrained can only override dropout (the architecture comes from {HF_CONFIG}), got {unsupported}"
+        )
+    directory = gpt2_directory(name_or_dir)
+    config_path = directory / HF_CONFIG
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{directory} has no {HF_CONFIG}; a Hugging Face GPT-2 directory holds {HF_CONFIG} and {HF_SAFETENSORS}"
+        )
+    dropout = override_args.get("dropout", 0.0)
+    config, approximate = gpt_config_from_hf(json.loads(config_path.read_text()), config_path, dropout)
+    files = hf_weight_files(directory)  # before building the model: a missing file fails fast
+    model = GPT(config, attn_impl, ln_impl)
+    load_hf_tensors(model, read_hf_tensors(files), directory)
+    set_gelu_approximate(model, approximate)
+    return model
+
+
+def hf_config(model: GPT) -> dict:
+    cfg = model.config
+    eot = GPT2_EOT if cfg.vocab_size > GPT2_EOT else None  # a small vocabulary has no <|endoftext|>
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new" if gelu_approximate(model) == "tanh" else "gelu",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "use_cache": True,
+    }
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The model's tensors under HF GPT-2 names: Linear weights transposed to Conv1D's (in, out), zeros for
+    the biases of a bias=False model (HF's GPT-2 always has biases; zero ones change nothing), and no
+    lm_head, which HF ties to wte."""
+    tensors = {}
+    for name, module in model.transformer.named_modules(prefix="transformer"):
+        if isinstance(module, nn.Embedding):
+            tensors[f"{name}.weight"] = module.weight
+        elif isinstance(module, (nn.Linear, LayerNorm)):
+            tensors[f"{name}.weight"] = module.weight.t() if isinstance(module, nn.Linear) else module.weight
+            zeros = module.weight.new_zeros(module.weight.shape[0])
+            tensors[f"{name}.bias"] = module.bias if module.bias is not None else zeros
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+
+
+def save_hf_gpt2(model: GPT, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    # each file goes to a temporary name first: readers see the old file or the new one, never a torn one
+    with atomic_open(directory / HF_SAFETENSORS) as f:
+        f.write(safetensors_bytes(hf_state_dict(model), metadata={"format": "pt"}))
+    with atomic_open(directory / HF_CONFIG) as f:
+        f.write((json.dumps(hf_config(model), indent=2) + "\n").encode())

@@ -1,0 +1,122 @@
+"""What a training run reports: out_dir/metrics.jsonl, the loss curve (out_dir/loss.png), step time, ETA
+and model FLOPs utilization (MFU) against the GPU's peak."""
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from fileio import atomic_open
+from model import GPT
+
+# Dense bf16/fp16 tensor-core peaks in FLOP/s, by the name CUDA reports (first match wins, so the more
+# specific names come first). A GPU missing here gets no MFU rather than a wrong one.
+GPU_PEAK_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+)
+
+
+def gpu_peak_flops(device: str | torch.device, dtype: str) -> float | None:
+    """The tensor-core peak of one GPU like the one running this process, or None (CPU, fp32, or an
+    unknown GPU)."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in ("bfloat16", "float16") or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in GPU_PEAK_FLOPS:
+        if key in name:
+            return peak
+    return None
+
+
+def mfu_per_gpu(model: GPT, batch_size: int, accumulation_steps_per_rank: int, dt: float,
+                peak_flops: float | None) -> float | None:
+    """MFU of one process: the sequences this process ran in a step (its micro-batches only, not the
+    global batch) over one GPU's peak. Under DDP/FSDP every GPU does the same work, so this is the run's."""
+    return model.estimate_mfu(batch_size * accumulation_steps_per_rank, dt, peak_flops)
+
+
+def format_eta(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+class StepTimer:
+    """Smoothed step time and MFU. The first `warmup` steps of a process (compilation, allocation,
+    autotuning) are left out, so the ETA comes from steps that took their usual time."""
+
+    def __init__(self, warmup: int = 2):
+        self.warmup = warmup
+        self.steps_seen = 0
+        self.step_time: float | None = None
+        self.mfu: float | None = None
+
+    def update(self, dt: float, mfu: float | None) -> None:
+        self.steps_seen += 1
+        if self.steps_seen <= self.warmup:
+            return
+        self.step_time = dt if self.step_time is None else 0.9 * self.step_time + 0.1 * dt
+        if mfu is not None:
+            self.mfu = mfu if self.mfu is None else 0.9 * self.mfu + 0.1 * mfu
+
+    def eta(self, steps_left: int) -> str:
+        return "measuring" if self.step_time is None else format_eta(steps_left * self.step_time)
+
+
+def log_metrics(out_dir: str | Path, record: dict) -> None:
+    with open(Path(out_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(out_dir: str | Path, tokens_per_iter: int) -> Path | None:
+    """Draw out_dir/loss.png from metrics.jsonl: train (every logged step, and at evals) and val loss
+    against iterations, with tokens on a second axis. None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_metrics(out_dir)
+    # a resumed or restarted run logs some iterations again: the last record of each counts
+    steps = sorted({r["iter"]: r["loss"] for r in records if r.get("loss") is not None and math.isfinite(r["loss"])}.items())
+    evals = sorted({r["iter"]: (r["iter"], r["train_loss"], r["val_loss"]) for r in records if "val_loss" in r}.values())
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    if steps:
+        ax.plot(*zip(*steps), color="tab:blue", alpha=0.35, linewidth=0.8, label="train (step)")
+    if evals:
+        iters, train, val = zip(*evals)
+        ax.plot(iters, train, "o-", color="tab:blue", markersize=3, label="train (eval)")
+        ax.plot(iters, val, "o-", color="tab:orange", markersize=3, label="val")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tokens = ax.secondary_xaxis("top", functions=(lambda i: i * tokens_per_iter / 1e6,
+                                                 lambda t: t * 1e6 / tokens_per_iter))
+    tokens.set_xlabel("tokens (millions)")
+    path = Path(out_dir) / "loss.png"
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,233 @@
+"""Choose attention and layer norm implementations for a training run by timing them.
+
+model.py resolves `auto` statically: the Triton kernels on CUDA where they support the shape and dtype.
+That says the kernel can run, not that it beats PyTorch's on this GPU at this run's shapes, so train.py
+calls choose_impls once at setup, after the model is on its device and before torch.compile (which must
+trace the chosen code) and DDP/FSDP. For each of attention and layer norm left at `auto` it checks that the
+kernel agrees with PyTorch's, times both (forward + backward) and keeps the faster. Forced choices
+('eager', 'sdpa', 'torch', 'triton') are applied as they are, and off CUDA `auto` stays PyTorch's unless
+measure=True (the tests do that, under Triton's interpreter, with injected timings).
+"""
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+
+from model import GPT, LayerNorm, kernels_module
+
+# timer(name, fn) -> milliseconds that fn takes; name is the candidate, e.g. "attn_impl=triton" or
+# "ln_impl=torch", so that tests can answer per candidate without relying on the order of the calls.
+Timer = Callable[[str, Callable[[], None]], float]
+
+# The kernel agrees when, for the output and every gradient, its largest error against a float64
+# computation is at most TOLERANCE_FACTOR times PyTorch's own error in the same dtype, plus FLOOR_ULPS
+# units of the dtype's precision at the tensor's scale (PyTorch's error can be near zero, e.g. in float32).
+TOLERANCE_FACTOR = 4.0
+FLOOR_ULPS = 8.0
+# The attention check runs on one sequence and at most this many heads: every (sequence, head) is computed
+# alike, and the float64 reference (SDPA's math path) materializes a T x T score matrix per head.
+CHECK_HEADS = 4
+
+
+def choose_impls(model: GPT, batch_size: int, device: torch.device | str, dtype: torch.dtype, *,
+                 ln_dtype: torch.dtype | None = None, measure: bool | None = None,
+                 timer: Timer | None = None, log: Callable[[str], None] = print) -> tuple[str, str]:
+    """Apply (model.use_impl) and return the (attention, layer norm) implementations for this run.
+
+    dtype: the dtype attention computes in (autocast's, or the parameters'). ln_dtype: the dtype layer
+    norm's input has; default the model's parameter dtype, which the residual stream keeps under autocast
+    (under FSDP mixed precision, pass its param_dtype). measure: time `auto` choices; None means only on
+    CUDA where the kernel supports the shapes and dtype. timer: see Timer; default CUDA events (or the
+    wall clock off CUDA), a warm-up then the median of a few repetitions. Under torch.distributed, rank 0
+    measures and logs, and every rank applies its choice.
+    """
+    device = torch.device(device)
+    # The static rule first, on every rank: it validates forced choices (a clear error for 'triton' where
+    # the kernels cannot run) and says where `auto` would take the kernel.
+    attn, ln = model.resolve_impl(device, dtype)
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        try:
+            timer = timer or make_timer(device)
+            if _should_measure(model.attn_impl, attn, measure):
+                attn = _choose_attention(model, batch_size, device, dtype, timer, log)
+            if _should_measure(model.ln_impl, ln, measure):
+                ln_dtype = ln_dtype or _layer_norm(model).weight.dtype
+                ln = _choose_layer_norm(model, batch_size, device, ln_dtype, timer, log)
+        except BaseException:
+            if distributed:  # tell the other ranks, which would otherwise wait in the broadcast below
+                dist.broadcast_object_list([None, None], src=0)
+            raise
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # hand the measurement's memory back before the run allocates
+    if distributed:  # every rank must run the same code: DDP and FSDP expect identical graphs
+        choice = [attn, ln]
+        dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
+            raise RuntimeError("rank 0 failed while choosing attn_impl/ln_impl (see its error)")
+        attn, ln = choice
+    model.use_impl(attn, ln, device)
+    return attn, ln
+
+
+def _should_measure(requested: str, static: str, measure: bool | None) -> bool:
+    if requested != "auto":
+        return False
+    # The static rule gives 'triton' for `auto` exactly on CUDA with the kernel supported.
+    return measure if measure is not None else static == "triton"
+
+
+def make_timer(device: torch.device, warmup: int = 3, repeats: int = 10) -> Timer:
+    """Median milliseconds of `repeats` calls after `warmup` (the kernels compiled in the agreement check
+    already). On a GPU at GPT-2's shapes that is well under a second per candidate."""
+
+    def cuda_timer(name: str, fn: Callable[[], None]) -> float:
+        for _ in range(warmup):
+            fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        torch.cuda.synchronize(device)  # so the warm-up's queued work is not timed
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return statistics.median(start.elapsed_time(end) for start, end in events)
+
+    def wall_timer(name: str, fn: Callable[[], None]) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    return cuda_timer if device.type == "cuda" else wall_timer
+
+
+# -----------------------------------------------------------------------------
+# Attention and layer norm, each: the inputs the run will see, the two candidates, check, time, choose
+
+
+def _choose_attention(model: GPT, batch_size: int, device: torch.device, dtype: torch.dtype, timer: Timer,
+                      log: Callable[[str], None]) -> str:
+    cfg = model.config
+    B, H, T, D = batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head
+    # A private generator: measuring leaves the run's random streams (dropout, sampling) as they were.
+    gen = torch.Generator(device=device).manual_seed(0)
+    # q, k, v laid out as the model gives them: views of c_attn's (B, T, 3, H, D) output.
+    qkv = torch.randn(B, T, 3, H, D, device=device, dtype=dtype, generator=gen)
+    q, k, v = (t.requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
+    # The gradient arrives as the backward of y.transpose(1, 2).contiguous(): (B, T, H, D) memory.
+    grad = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=gen).transpose(1, 2)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def triton(q, k, v):
+        # no dropout in either: outputs with dropout could not be compared
+        return kernels_module().flash_attention(q, k, v, causal=True, dropout_p=0.0)
+
+    # the check's slice keeps the full tensors' strides
+    check = tuple(t.detach()[:1, :CHECK_HEADS].requires_grad_() for t in (q, k, v))
+    return _choose("attn_impl", "sdpa", sdpa, triton, inputs=(q, k, v), grad=grad,
+                   check_inputs=check, check_grad=grad[:1, :CHECK_HEADS], names=("output", "dq", "dk", "dv"),
+                   eps=_attention_eps(dtype, device), shapes=f"B={B} H={H} T={T} D={D} {_name(dtype)}",
+                   timer=timer, log=log)
+
+
+def _attention_eps(dtype: torch.dtype, device: torch.device) -> float:
+    # In float32 the kernel's dots run in TF32 when torch allows it for its own matmuls (as train.py does).
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return 2.0**-10
+    return torch.finfo(dtype).eps
+
+
+def _layer_norm(model: GPT) -> LayerNorm:
+    return next(m for m in model.modules() if isinstance(m, LayerNorm))
+
+
+def _choose_layer_norm(model: GPT, batch_size: int, device: torch.device, dtype: torch.dtype, timer: Timer,
+                       log: Callable[[str], None]) -> str:
+    T = model.config.block_size
+    ln = _layer_norm(model)
+    C, has_bias = ln.weight.numel(), ln.bias is not None
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch_size, T, C, device=device, dtype=dtype, generator=gen)
+    # The model's own weight and bias start as ones and zeros, which would hide a kernel that ignored
+    # them: take their shape and presence, with values away from that.
+    weight = 1 + 0.1 * torch.randn(C, device=device, dtype=dtype, generator=gen)
+    bias = 0.1 * torch.randn(C, device=device, dtype=dtype, generator=gen) if has_bias else None
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias) if t is not None)
+    grad = torch.randn(batch_size, T, C, device=device, dtype=dtype, generator=gen)
+
+    def torch_ln(x, weight, bias=None):
+        return F.layer_norm(x, (C,), weight, bias, 1e-5)
+
+    def triton(x, weight, bias=None):
+        return kernels_module().layer_norm(x, weight, bias, 1e-5)
+
+    names = ("output", "dx", "dweight", "dbias")[: 1 + len(inputs)]
+    shapes = f"x {batch_size}x{T}x{C}{'' if has_bias else ' no bias'} {_name(dtype)}"
+    # checked on the full shapes: no T x T reference here, and the weight gradients sum over all rows
+    return _choose("ln_impl", "torch", torch_ln, triton, inputs=inputs, grad=grad, check_inputs=inputs,
+                   check_grad=grad, names=names, eps=torch.finfo(dtype).eps, shapes=shapes, timer=timer, log=log)
+
+
+def _choose(option: str, fallback: str, torch_fn: Callable, kernel_fn: Callable, *, inputs: tuple,
+            grad: torch.Tensor, check_inputs: tuple, check_grad: torch.Tensor, names: tuple[str, ...], eps: float,
+            shapes: str, timer: Timer, log: Callable[[str], None]) -> str:
+    """Check kernel_fn against torch_fn (`names`: of the output and of each input's gradient) on check_inputs,
+    then time both, forward + backward, on inputs; log and return the choice ('triton' or fallback)."""
+    # not under the caller's autocast: the inputs are already in the run's dtype, the reference in float64
+    with torch.autocast(inputs[0].device.type, enabled=False), torch.enable_grad():
+
+        def run(fn):
+            return lambda: torch.autograd.grad(fn(*inputs), inputs, grad)
+
+        try:
+            reason = _disagreement(names, kernel_fn, torch_fn, check_inputs, check_grad, eps, fallback)
+            if reason is None:
+                kernel_ms = timer(f"{option}=triton", run(kernel_fn))
+        # e.g. no Triton, a launch this GPU cannot compile, out of memory: the run goes on with PyTorch's
+        except Exception as error:  # noqa: BLE001
+            reason = f"failed: {type(error).__name__}: {error}"
+        if reason is not None:
+            log(f"{option}=auto: triton {reason} ({shapes}) -> {fallback}")
+            return fallback
+        torch_ms = timer(f"{option}={fallback}", run(torch_fn))
+    choice = "triton" if kernel_ms < torch_ms else fallback  # a tie keeps PyTorch's
+    log(f"{option}=auto: triton {kernel_ms:.2f} ms, {fallback} {torch_ms:.2f} ms (forward+backward, {shapes}) "
+        f"-> {choice}")
+    return choice
+
+
+def _disagreement(names, kernel_fn, torch_fn, inputs, grad, eps: float, fallback: str) -> str | None:
+    """Why the kernel's output or gradients are not as close to float64's as PyTorch's, or None if they are."""
+
+    def results(fn, inputs, grad):
+        out = fn(*inputs)
+        grads = torch.autograd.grad(out, inputs, grad.to(out.dtype), allow_unused=True)
+        # an input the kernel ignored has no gradient: zeros, which the comparison then rejects
+        return [out.detach(), *(torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads))]
+
+    reference = results(torch_fn, [t.detach().double().requires_grad_() for t in inputs], grad.double())
+    ours = results(kernel_fn, inputs, grad)
+    theirs = results(torch_fn, inputs, grad)
+    for name, a, b, ref in zip(names, ours, theirs, reference):
+        err_ours = (a.double() - ref).abs().max().item()
+        err_theirs = (b.double() - ref).abs().max().item()
+        allowed = TOLERANCE_FACTOR * err_theirs + FLOOR_ULPS * eps * ref.abs().max().item()
+        if not err_ours <= allowed:  # written so that NaN disagrees
+            return (f"disagrees: its {name} is off by {err_ours:.3g} from float64, {fallback}'s by "
+                    f"{err_theirs:.3g} (allowed {allowed:.3g})")
+    return None
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,140 @@
+"""checkpoint.py: loading never runs code, broken files are clear errors, and the checkpoints of nanoGPT and of
+earlier versions of this project still load."""
+import pickle
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint as ckpt
+from conftest import REPO
+from model import GPT, GPTConfig
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=2, n_embd=16, dropout=0.0, bias=False)
+
+
+class CreatesAFile:
+    """Unpickling this calls open(path, "w"): any code could run in its place."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def nanogpt_checkpoint(model: GPT) -> dict:
+    """What nanoGPT's train.py saves: a compiled model's state dict, AdamW's state, the config's plain values,
+    and best_val_loss as a tensor (its estimate_loss returns tensors)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
+    optimizer.step()
+    model_args = {k: getattr(model.config, k) for k in ckpt.MODEL_ARG_KEYS}
+    return {"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}, "optimizer": optimizer.state_dict(),
+            "model_args": model_args, "iter_num": 250, "best_val_loss": torch.tensor(1.4697),
+            "config": {"dataset": "shakespeare_char", "batch_size": 64, "compile": True}}
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "created_by_unpickling"
+    torch.save({"model": CreatesAFile(marker), "model_args": {}, "iter_num": 0}, tmp_path / "ckpt.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"refusing to load .*ckpt\.pt.*could run code"):
+        ckpt.load_file(tmp_path / "ckpt.pt")
+    assert not marker.exists()
+    # the same through the programs a user runs on it
+    out = subprocess.run([sys.executable, str(REPO / "sample.py"), "--device=cpu", f"--out_dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode != 0 and "refusing to load" in out.stderr and "Traceback" not in out.stderr
+    assert not marker.exists()
+
+
+def test_sharded_metadata_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "created_by_unpickling"
+    directory = tmp_path / ckpt.SHARDED_DIR
+    directory.mkdir()
+    (directory / ".metadata").write_bytes(pickle.dumps(CreatesAFile(marker)))
+    torch.save({"model_args": {}, "iter_num": 0}, directory / ckpt.TRAIN_STATE)
+    with pytest.raises(ckpt.CheckpointError, match=r"refusing to load .*\.metadata.*Unsupported global: .*open"):
+        ckpt.find(tmp_path, latest=True)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", *[f"garbage{seed}" for seed in range(8)]])
+def test_a_broken_checkpoint_names_the_file_and_what_to_do(tmp_path, damage):
+    path = tmp_path / "ckpt.pt"
+    torch.manual_seed(0)
+    torch.save(nanogpt_checkpoint(GPT(TINY)), path)
+    data = path.read_bytes()
+    if damage.startswith("garbage"):  # random bytes break the unpickler in many different ways
+        data = random.Random(damage).randbytes(1000)
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b""}.get(damage, data))
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt\.pt is truncated or corrupt .*; delete it"):
+        ckpt.load_file(path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    torch.save([1, 2, 3], tmp_path / "ckpt.pt")
+    with pytest.raises(ckpt.CheckpointError, match="not a checkpoint: it holds a list"):
+        ckpt.load_file(tmp_path / "ckpt.pt")
+    torch.save({"model": {}}, tmp_path / "ckpt.pt")
+    with pytest.raises(ckpt.CheckpointError, match="lacks model_args, iter_num"):
+        ckpt.find(tmp_path, latest=True)
+
+
+def test_nanogpt_checkpoint_loads_with_the_same_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    torch.save(nanogpt_checkpoint(model), tmp_path / "ckpt.pt")
+    found = ckpt.find(tmp_path, latest=True)
+    assert found.iter_num == 250 and found.state["best_val_loss"] == pytest.approx(1.4697)
+    loaded = ckpt.build_model(found).eval()
+    x = torch.randint(0, TINY.vocab_size, (2, 16))
+    torch.testing.assert_close(loaded(x, x)[0], model(x, x)[0], atol=0, rtol=0)
+    optimizer = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
+    ckpt.load_weights_into(found, loaded, optimizer)
+    assert all(state["step"] == 1 for state in optimizer.state.values())
+
+
+def test_a_checkpoint_of_the_previous_version_loads():
+    """tests/fixtures/tritongpt_d68e3b2_ckpt.pt: written by train.py at commit d68e3b2 (1 layer, 16 wide,
+    dropout 0.1, 3 iterations on shakespeare_char), before checkpoints were loaded with weights_only=True."""
+    found = ckpt.read_checkpoint(FIXTURES / "tritongpt_d68e3b2_ckpt.pt", sharded=False)
+    assert found.iter_num == 3 and found.state["rng"]["world_size"] == 1
+    model = ckpt.build_model(found, "sdpa", "torch")
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
+    ckpt.load_weights_into(found, model, optimizer)
+    assert ckpt.restore_rng_states(found.state["rng"], torch.device("cpu"), rank=0, world_size=1)
+    logits, loss = model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
+    assert torch.isfinite(loss) and 3.5 < loss.item() < 5.5  # an almost untrained 65-character model
+
+
+def test_our_checkpoints_hold_only_plain_values(tmp_path):
+    """What train.py saves loads with weights_only=True: written and read back here, RNG states included."""
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    state = ckpt.train_state(model, 7, 1.5, {"dataset": "x"}, scaler.state_dict(),
+                             ckpt.gather_rng_states(torch.device("cpu"), 1), evals_since_best=2)
+    ckpt.save(tmp_path, False, model, optimizer, state, sharded=False, master=True)
+    found = ckpt.find(tmp_path, latest=True)
+    assert found.iter_num == 7 and found.state["evals_since_best"] == 2 and found.state["scaler"]["scale"] == 65536.0
+
+
+def test_find_prefers_the_newer_of_best_and_latest(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    for latest, iter_num in ((False, 10), (True, 20)):
+        state = ckpt.train_state(model, iter_num, 1.0, {}, {}, ckpt.gather_rng_states(torch.device("cpu"), 1))
+        ckpt.save(tmp_path, latest, model, optimizer, state, sharded=False, master=True)
+    assert ckpt.find(tmp_path, latest=True).path.name == ckpt.LATEST_FILE
+    assert ckpt.find(tmp_path, latest=False).path.name == ckpt.CKPT_FILE  # sampling takes the best
+    ckpt.remove_latest(tmp_path)
+    assert ckpt.find(tmp_path, latest=True).path.name == ckpt.CKPT_FILE
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint in .*train one first"):
+        ckpt.require(tmp_path / "elsewhere", latest=True)

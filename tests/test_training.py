@@ -1,0 +1,168 @@
+"""training.py and metrics.py called directly: the schedule, one optimizer step, evaluation, early stopping,
+signals, and what a run reports."""
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+import metrics
+import training
+from model import GPT, GPTConfig
+
+TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
+SCHEDULE = dict(learning_rate=6e-4, warmup_iters=10, lr_decay_iters=100, min_lr=6e-5)
+
+
+def reference_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
+    """nanoGPT's schedule, written out independently: linear warmup reaching learning_rate after warmup_iters
+    steps (step 0 already gets 1/(warmup+1) of it), half a cosine down to min_lr, then min_lr for good."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + (learning_rate - min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+@pytest.mark.parametrize("it", [0, 1, 9, 10, 11, 55, 99, 100, 101, 10_000])
+def test_lr_schedule_at_its_boundaries(it):
+    assert training.get_lr(it, **SCHEDULE) == pytest.approx(reference_lr(it, **SCHEDULE), rel=1e-12)
+
+
+def test_lr_schedule_edges():
+    assert training.get_lr(0, **SCHEDULE) > 0  # never a wasted step at lr 0
+    assert training.get_lr(10, **SCHEDULE) == pytest.approx(6e-4)  # the peak, right after warmup
+    assert training.get_lr(100, **SCHEDULE) == pytest.approx(6e-5) == training.get_lr(5000, **SCHEDULE)
+    assert training.get_lr(3, **SCHEDULE, decay_lr=False) == 6e-4
+    no_decay_window = dict(SCHEDULE, warmup_iters=100)  # warmup up to lr_decay_iters: no division by zero
+    assert training.get_lr(100, **no_decay_window) == pytest.approx(6e-4)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(TINY, "sdpa", "torch")
+
+
+def test_accumulated_micro_steps_equal_one_big_batch():
+    """4 micro-batches of 2 rows, accumulated, give the gradients and update of one batch of 8 (fp32)."""
+    data = torch.randint(0, TINY.vocab_size, (8, TINY.block_size + 1), generator=torch.Generator().manual_seed(1))
+    x, y = data[:, :-1], data[:, 1:]
+    results = []
+    for micro_batches in (1, 4):
+        model = tiny_model()
+        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        rows = 8 // micro_batches
+        loss = training.train_step(model, optimizer, scaler, lambda i: (x[i * rows:(i + 1) * rows], y[i * rows:(i + 1) * rows]),
+                                   micro_batches, 1.0, torch.autocast("cpu", enabled=False))
+        results.append((loss.item(), [p.detach().clone() for p in model.parameters()]))
+    (loss_one, params_one), (loss_four, params_four) = results
+    assert loss_four == pytest.approx(loss_one, rel=1e-6)
+    for a, b in zip(params_one, params_four):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_train_step_clips_and_syncs_only_on_the_last_micro_step():
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    syncs = []
+    x = torch.randint(0, TINY.vocab_size, (2, TINY.block_size))
+    training.train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), lambda i: (x, x), 3, 0.01,
+                        torch.autocast("cpu", enabled=False), syncs.append)
+    assert syncs == [False, False, True]
+    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert update.norm().item() == pytest.approx(0.01, rel=1e-4)  # SGD lr 1: the step is the clipped gradient
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_estimate_loss_is_the_mean_over_the_same_batches():
+    model = tiny_model()
+    calls = []
+
+    def get_batch(split, k):
+        calls.append((split, k))
+        g = torch.Generator().manual_seed(k + (100 if split == "val" else 0))
+        return torch.randint(0, TINY.vocab_size, (2, TINY.block_size), generator=g), torch.randint(
+            0, TINY.vocab_size, (2, TINY.block_size), generator=g)
+
+    losses = training.estimate_loss(model, get_batch, 3, torch.autocast("cpu", enabled=False))
+    assert calls == [("train", 0), ("train", 1), ("train", 2), ("val", 0), ("val", 1), ("val", 2)]
+    with torch.no_grad():
+        expected = sum(model(*get_batch("val", k))[1].item() for k in range(3)) / 3
+    assert losses["val"] == pytest.approx(expected, rel=1e-6)
+    assert model.training  # back in training mode
+
+
+def test_batches_are_a_function_of_seed_step_and_index(tmp_path):
+    from data import TokenSplit, write_tokens
+
+    write_tokens(tmp_path / "train.bin", torch.arange(1000) % 50)
+    write_tokens(tmp_path / "val.bin", torch.arange(500) % 50)
+    splits = {s: TokenSplit(tmp_path, s) for s in ("train", "val")}
+    batches = training.Batches(splits, 4, 8, torch.device("cpu"), seed=1337)
+    assert torch.equal(batches.train(5, 2)[0], batches.train(5, 2)[0])
+    assert not torch.equal(batches.train(5, 2)[0], batches.train(5, 3)[0])
+    assert not torch.equal(batches.train(5, 2)[0], training.Batches(splits, 4, 8, torch.device("cpu"), 1).train(5, 2)[0])
+    x, y = batches.eval("val", 0)
+    assert torch.equal(y[:, :-1], x[:, 1:])
+
+
+def test_early_stopping_counts_evals_without_improvement():
+    early = training.EarlyStopping(patience=2)
+    assert [early.update(v) for v in (3.0, 2.5, 2.6, 2.5)] == [True, True, False, False]
+    assert early.should_stop and early.best == 2.5
+    assert not training.EarlyStopping(patience=0, evals_since_best=99).should_stop  # 0: off
+    resumed = training.EarlyStopping(patience=2, best=2.5, evals_since_best=1)
+    assert resumed.update(2.4) and not resumed.should_stop
+    with pytest.raises(ValueError, match="early_stopping_patience must be >= 0"):
+        training.EarlyStopping(patience=-1)
+
+
+def test_stop_signal_asks_to_stop_and_names_the_exit_code(capsys):
+    stop = training.StopSignal().install()
+    try:
+        assert stop.received is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == signal.SIGTERM and stop.exit_code == 143
+        assert "SIGTERM received: stopping after this step" in capsys.readouterr().err
+        os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM (torchrun forwarding one) changes nothing
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # but a Ctrl-C after a stop request aborts
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert training.agree_to_stop(True, torch.device("cpu"), 1)
+
+
+def test_processes_and_accumulation():
+    alone = training.setup_distributed("cpu", "nccl", env={})
+    assert (alone.rank, alone.world_size, alone.master, alone.enabled) == (0, 1, True, False)
+    assert training.per_rank_accumulation(40, 8) == 5
+    with pytest.raises(ValueError, match="not divisible by the 3 processes; pick a multiple of 3"):
+        training.per_rank_accumulation(40, 3)
+    model = tiny_model()
+    assert training.gradient_sync_switch(model, model) is None
+
+
+def test_step_timer_leaves_out_the_warm_up_steps():
+    timer = metrics.StepTimer(warmup=2)
+    timer.update(60.0, 0.01)  # compiling
+    timer.update(5.0, 0.2)
+    assert timer.eta(100) == "measuring" and timer.mfu is None
+    timer.update(0.5, 0.4)
+    assert timer.eta(100) == "0:00:50" and timer.mfu == 0.4
+    assert metrics.format_eta(3 * 3600 + 62) == "3:01:02"
+
+
+def test_loss_plot_is_written_atomically(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [{"iter": 0, "train_loss": 4.0, "val_loss": 4.1}, {"iter": 0, "loss": 4.2}, {"iter": 1, "loss": 3.9},
+               {"iter": 1, "loss": 3.8}, {"iter": 2, "train_loss": 3.5, "val_loss": 3.6}]  # iter 1 twice: a resume
+    for record in records:
+        metrics.log_metrics(tmp_path, record)
+    path = metrics.plot_losses(tmp_path, tokens_per_iter=1000)
+    assert path == tmp_path / "loss.png" and path.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
