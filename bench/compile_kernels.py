@@ -144,8 +144,9 @@ class Recorder:
 QUICK_ATTENTION = [(torch.bfloat16, 64, True, 0.0, False), (torch.bfloat16, 128, True, 0.1, False),
                    (torch.float16, 40, False, 0.1, False), (torch.float32, 64, True, 0.0, True),
                    (torch.float32, 128, False, 0.1, False)]
-QUICK_LAYER_NORM = [(torch.bfloat16, 768, True), (torch.float32, 1600, False), (torch.float16, 5000, True),
-                    (torch.bfloat16, 20000, False)]
+# (dtype, width, mode): mode is "bias" or "no bias" for LayerNorm, or "rms" for RMSNorm (never a bias).
+QUICK_NORM = [(torch.bfloat16, 768, "bias"), (torch.float32, 1600, "no bias"), (torch.float16, 5000, "bias"),
+              (torch.bfloat16, 20000, "no bias"), (torch.float16, 768, "rms"), (torch.bfloat16, 20000, "rms")]
 
 
 def _attention_cases(quick: bool):
@@ -174,20 +175,20 @@ def compile_attention(recorder: Recorder, quick: bool):
         fa._backward(q, q, q, q, q, lse, causal, head_dim ** -0.5, dropout_p, seed)
 
 
-def compile_layer_norm(recorder: Recorder, quick: bool):
+def compile_norm(recorder: Recorder, quick: bool):
     ln = importlib.import_module(KERNEL_MODULES[1])
-    cases = QUICK_LAYER_NORM if quick else [
-        (dtype, width, has_bias)
+    cases = QUICK_NORM if quick else [
+        (dtype, width, mode)
         for dtype in (torch.bfloat16, torch.float16, torch.float32)
         for width in (768, 1024, 1600, 5000, 16384, 20000)
-        for has_bias in (True, False)]
-    for dtype, width, has_bias in cases:
-        recorder.case = f"{str(dtype).removeprefix('torch.')} N={width}{'' if has_bias else ' no bias'}"
+        for mode in ("bias", "no bias", "rms")]
+    for dtype, width, mode in cases:
+        recorder.case = f"{str(dtype).removeprefix('torch.')} N={width}{'' if mode == 'bias' else ' ' + mode}"
         x = torch.empty(64, width, dtype=dtype)
         weight = torch.empty(width, dtype=dtype)
-        bias = torch.empty(width, dtype=dtype) if has_bias else None
-        _, mean, rstd = ln._forward(x, weight, bias, 1e-5)
-        ln._backward(x, x, weight, mean, rstd, has_bias)
+        bias = torch.empty(width, dtype=dtype) if mode == "bias" else None
+        _, mean, rstd = ln._forward(x, weight, bias, 1e-5, rms=mode == "rms")
+        ln._backward(x, x, weight, mean, rstd, bias is not None)
 
 
 def problems(launch: Launch, capability: int) -> list[str]:
@@ -209,7 +210,7 @@ def compile_all(capability: int, quick: bool) -> list[Launch]:
                 value.device_caches.clear()  # each kernel caches the target it was first compiled for
     with Recorder() as recorder:
         compile_attention(recorder, quick)
-        compile_layer_norm(recorder, quick)
+        compile_norm(recorder, quick)
     return recorder.launches
 
 
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
                          "ok": "no: " + "; ".join(found) if found else "yes"})
     settings = {"architectures": ", ".join(ARCH_NAMES[a] for a in args.arch), "cases": "quick" if args.quick else "all"}
     notes = ["compiled to cubins with the ptxas that ships with triton, on a machine without a GPU; never run",
-             "tiles: BLOCK_M (query rows) and BLOCK_N (key rows; for LayerNorm, the row block), w = warps, s = pipeline stages",
+             "tiles: BLOCK_M (query rows) and BLOCK_N (key rows; for LayerNorm and RMSNorm, the row block), w = warps, s = pipeline stages",
              "shared KiB is what the block asks for; the limit is 227 KiB on sm_90, 163 on sm_80, 99 on sm_86/89"]
     common.report("compile_kernels", "Triton kernel launches compiled for GPU targets", rows, list(rows[0]),
                   settings, notes, args.out)

@@ -1,23 +1,31 @@
-"""LayerNorm over the last dimension, as Triton kernels.
+"""LayerNorm and RMSNorm over the last dimension, as Triton kernels.
 
-    y = (x - mean) / sqrt(var + eps) * weight + bias
+    LayerNorm:  y = (x - mean) / sqrt(var + eps) * weight + bias
+    RMSNorm:    y = x / sqrt(mean(x^2) + eps) * weight
+
+One set of kernels serves both: RMSNorm is LayerNorm with the mean fixed at 0 and no bias. RMS is
+a constexpr, so each mode compiles to its own kernel: under RMS the mean's reductions, loads and
+stores are gone and x - 0 folds away, and the LayerNorm kernels compile as they would without it.
 
 Forward: one program per row. When the row fits in one block (the usual GPT widths) it is loaded
 once and kept in registers; wider rows are streamed in chunks, three passes (mean, centred
-variance, output), since a whole very wide row would not fit in registers. Statistics are always
-fp32, whatever the input dtype, and mean and 1/std are saved for the backward pass.
+variance, output; RMSNorm skips the first), since a whole very wide row would not fit in registers.
+Statistics are always fp32, whatever the input dtype, and mean and 1/std are saved for the backward
+pass (RMSNorm saves only 1/rms).
 (Under TRITON_INTERPRET=1, on CPU, the interpreter converts fp32 to bf16 by truncation, so bf16
 outputs there can be a whole ulp off; a GPU rounds to nearest.)
 
-Backward, for one row with xhat = (x - mean) * rstd and g = dy * weight:
+Backward, for one row with xhat = (x - mean) * rstd (x * rstd for RMSNorm) and g = dy * weight:
 
-    dx = rstd * (g - mean(g * xhat) * xhat - mean(g))
+    LayerNorm:  dx = rstd * (g - mean(g * xhat) * xhat - mean(g))
+    RMSNorm:    dx = rstd * (g - mean(g * xhat) * xhat)
     dweight = sum over rows of dy * xhat,   dbias = sum over rows of dy
 
+(the mean(g) term is the mean's own dependence on x, which RMSNorm does not have).
 dx is per row, but dweight and dbias are sums over all rows. Rather than every row adding into
 one shared vector (atomics or locks: a serialized bottleneck), each program takes a contiguous
 group of rows, accumulates its own fp32 partial sums and writes them to a (groups, N) buffer that
-torch then sums over groups. Rows too wide for one block first get their two row means in a
+torch then sums over groups. Rows too wide for one block first get their row means in a
 separate pass, after which a (groups, column chunks) grid computes dx and the partial sums.
 """
 import functools
@@ -41,12 +49,12 @@ _BWD_MAX_BLOCK_N = 4096
 
 @triton.jit
 def _fwd_kernel(X, W, B, Y, Mean, Rstd, stride_x, stride_y, N, eps,
-                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+                RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride can pass 2**31 for big activations
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / N
+    mean = 0.0 if RMS else tl.sum(x, axis=0) / N
     # Padding lanes must not add (0 - mean)**2 to the variance.
     xc = tl.where(mask, x - mean, 0.0)
     rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / N + eps)
@@ -54,23 +62,27 @@ def _fwd_kernel(X, W, B, Y, Mean, Rstd, stride_x, stride_y, N, eps,
     if HAS_BIAS:
         y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Mean + row, mean)
+    if not RMS:
+        tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
 
 
 @triton.jit
 def _fwd_chunked_kernel(X, W, B, Y, Mean, Rstd, stride_x, stride_y, N, eps,
-                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+                        RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     y_row = Y + row * stride_y
-    # Per-lane accumulators, reduced once at the end: fewer cross-thread reductions and a more
-    # accurate sum than adding each chunk's total into one scalar.
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        acc += tl.load(x_row + cols, mask=cols < N, other=0.0).to(tl.float32)
-    mean = tl.sum(acc, axis=0) / N
+    if RMS:
+        mean = 0.0
+    else:
+        # Per-lane accumulators, reduced once at the end: fewer cross-thread reductions and a more
+        # accurate sum than adding each chunk's total into one scalar.
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            acc += tl.load(x_row + cols, mask=cols < N, other=0.0).to(tl.float32)
+        mean = tl.sum(acc, axis=0) / N
     # A second pass for the centred variance avoids the cancellation of E[x^2] - E[x]^2.
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
@@ -88,14 +100,15 @@ def _fwd_chunked_kernel(X, W, B, Y, Mean, Rstd, stride_x, stride_y, N, eps,
         if HAS_BIAS:
             y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Mean + row, mean)
+    if not RMS:
+        tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
 
 
 @triton.jit
 def _bwd_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial,
                 stride_x, stride_dy, stride_dx, M, N, rows_per_program,
-                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+                RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
     group = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -109,10 +122,10 @@ def _bwd_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial,
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(Rstd + row)
         # Padding lanes load dy = 0, which zeroes their share of every sum below.
-        xhat = (x - tl.load(Mean + row)) * rstd
+        xhat = (x - (0.0 if RMS else tl.load(Mean + row))) * rstd
         g = dy * w
         c1 = tl.sum(g * xhat, axis=0) / N
-        c2 = tl.sum(g, axis=0) / N
+        c2 = 0.0 if RMS else tl.sum(g, axis=0) / N
         dx = (g - (xhat * c1 + c2)) * rstd
         tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
@@ -125,10 +138,11 @@ def _bwd_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial,
 
 @triton.jit
 def _bwd_row_means_kernel(X, W, DY, Mean, Rstd, C1, C2, stride_x, stride_dy, N,
-                          BLOCK_N: tl.constexpr):
-    # Wide rows only: the row means of g * xhat and g, which every column chunk of dx needs.
+                          RMS: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Wide rows only: the row means of g * xhat and g (RMSNorm: only the first), which every
+    # column chunk of dx needs.
     row = tl.program_id(0).to(tl.int64)
-    mean = tl.load(Mean + row)
+    mean = 0.0 if RMS else tl.load(Mean + row)
     rstd = tl.load(Rstd + row)
     acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -141,13 +155,14 @@ def _bwd_row_means_kernel(X, W, DY, Mean, Rstd, C1, C2, stride_x, stride_dy, N,
         acc1 += g * (x - mean) * rstd  # g = 0 on padding lanes
         acc2 += g
     tl.store(C1 + row, tl.sum(acc1, axis=0) / N)
-    tl.store(C2 + row, tl.sum(acc2, axis=0) / N)
+    if not RMS:
+        tl.store(C2 + row, tl.sum(acc2, axis=0) / N)
 
 
 @triton.jit
 def _bwd_chunked_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_partial,
                         stride_x, stride_dy, stride_dx, M, N, rows_per_program,
-                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+                        RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
     group = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -160,8 +175,10 @@ def _bwd_chunked_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_partial
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(Rstd + row)
-        xhat = (x - tl.load(Mean + row)) * rstd
-        dx = (dy * w - (xhat * tl.load(C1 + row) + tl.load(C2 + row))) * rstd
+        xhat = (x - (0.0 if RMS else tl.load(Mean + row))) * rstd
+        c1 = tl.load(C1 + row)
+        c2 = 0.0 if RMS else tl.load(C2 + row)
+        dx = (dy * w - (xhat * c1 + c2)) * rstd
         tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
@@ -192,23 +209,29 @@ def _row_groups(m, device):
     return triton.cdiv(m, rows_per_group), rows_per_group
 
 
-def _forward(x, weight, bias, eps):
+def _forward(x, weight, bias, eps, rms=False):
+    """y, and each row's fp32 mean (None for RMSNorm, which has none) and 1/std."""
     m, n = x.shape
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    mean = None if rms else torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     block, num_warps = _block_config(n, _FWD_MAX_BLOCK_N)
     kernel = _fwd_kernel if block >= n else _fwd_chunked_kernel
-    # Without a bias the B argument is never read; weight just fills the pointer slot.
-    kernel[(m,)](x, weight, weight if bias is None else bias, y, mean, rstd,
+    # Pointers a launch never reads or writes (B without a bias, Mean under RMS) are filled with
+    # another tensor of the launch.
+    kernel[(m,)](x, weight, weight if bias is None else bias, y, rstd if rms else mean, rstd,
                  x.stride(0), y.stride(0), n, eps,
-                 HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=num_warps)
+                 RMS=rms, HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=num_warps)
     return y, mean, rstd
 
 
 def _backward(dy, x, weight, mean, rstd, has_bias):
-    """dx in x's dtype; dweight and dbias as fp32 sums, for the caller to cast."""
+    """dx in x's dtype; dweight and dbias as fp32 sums, for the caller to cast.
+
+    mean is None for RMSNorm, as _forward returns it."""
     m, n = x.shape
+    rms = mean is None
+    mean = rstd if rms else mean  # never read under RMS, like C2: a filler for the pointer slot
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     groups, rows_per_group = _row_groups(m, x.device)
     dw_partial = torch.empty(groups, n, dtype=torch.float32, device=x.device)
@@ -218,17 +241,17 @@ def _backward(dy, x, weight, mean, rstd, has_bias):
         _bwd_kernel[(groups,)](
             x, weight, dy, dx, mean, rstd, dw_partial, db_partial,
             x.stride(0), dy.stride(0), dx.stride(0), m, n, rows_per_group,
-            HAS_BIAS=has_bias, BLOCK_N=block, num_warps=num_warps)
+            RMS=rms, HAS_BIAS=has_bias, BLOCK_N=block, num_warps=num_warps)
     else:
         c1 = torch.empty(m, dtype=torch.float32, device=x.device)
-        c2 = torch.empty(m, dtype=torch.float32, device=x.device)
+        c2 = c1 if rms else torch.empty(m, dtype=torch.float32, device=x.device)
         _bwd_row_means_kernel[(m,)](x, weight, dy, mean, rstd, c1, c2,
                                     x.stride(0), dy.stride(0), n,
-                                    BLOCK_N=block, num_warps=num_warps)
+                                    RMS=rms, BLOCK_N=block, num_warps=num_warps)
         _bwd_chunked_kernel[(groups, triton.cdiv(n, block))](
             x, weight, dy, dx, mean, rstd, c1, c2, dw_partial, db_partial,
             x.stride(0), dy.stride(0), dx.stride(0), m, n, rows_per_group,
-            HAS_BIAS=has_bias, BLOCK_N=block, num_warps=num_warps)
+            RMS=rms, HAS_BIAS=has_bias, BLOCK_N=block, num_warps=num_warps)
     return dx, dw_partial.sum(0), db_partial.sum(0) if has_bias else None
 
 
@@ -238,17 +261,20 @@ def _as_rows(t, m, n):
     return t2 if t2.stride(1) == 1 else t2.contiguous()
 
 
-class _LayerNormFunction(torch.autograd.Function):
+class _NormFunction(torch.autograd.Function):
+    """LayerNorm, or RMSNorm when rms (then bias is None)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, rms):
         n = x.shape[-1]
         m = math.prod(x.shape[:-1])
         x2 = _as_rows(x, m, n)
         if x2.numel() == 0:
             y = x2.new_empty(m, n)
-            mean = rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+            rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+            mean = None if rms else rstd
         else:
-            y, mean, rstd = _forward(x2, weight, bias, eps)
+            y, mean, rstd = _forward(x2, weight, bias, eps, rms)
         ctx.save_for_backward(x2, weight, bias, mean, rstd)
         ctx.shape = x.shape
         return y.view(x.shape)
@@ -267,28 +293,28 @@ class _LayerNormFunction(torch.autograd.Function):
                                            has_bias=bias is not None)
             dweight = dweight.to(weight.dtype)
             dbias = None if bias is None else dbias.to(bias.dtype)
-        return dx.view(ctx.shape), dweight, dbias, None
+        return dx.view(ctx.shape), dweight, dbias, None, None
 
 
-def _check_inputs(x, weight, bias):
+def _check_inputs(fn, x, weight, bias):
     if x.dim() == 0:
-        raise ValueError("layer_norm: x is a 0-d tensor; give it at least one dimension to "
+        raise ValueError(f"{fn}: x is a 0-d tensor; give it at least one dimension to "
                          "normalize over")
     n = x.shape[-1]
     if weight is None:
-        raise ValueError(f"layer_norm: weight is required; pass torch.ones({n}) to only normalize")
+        raise ValueError(f"{fn}: weight is required; pass torch.ones({n}) to only normalize")
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is None:
             continue
         if t.dtype not in SUPPORTED_DTYPES:
             names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
-            raise ValueError(f"layer_norm: {name} has dtype {t.dtype}, which is not supported; "
+            raise ValueError(f"{fn}: {name} has dtype {t.dtype}, which is not supported; "
                              f"cast it to one of {names}")
         if name != "x" and tuple(t.shape) != (n,):
-            raise ValueError(f"layer_norm: {name} has shape {tuple(t.shape)} but x's last "
+            raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)} but x's last "
                              f"dimension is {n}; pass a {name} of shape ({n},)")
         if t.device != x.device:
-            raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {x.device}; "
+            raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}; "
                              "move them to the same device")
     if not can_run_on(x.device):
         raise cuda_required_error("ln_impl", x.device.type, fallback="torch")
@@ -300,12 +326,24 @@ def layer_norm(x, weight, bias=None, eps=1e-5):
     bias=None means no bias (nanoGPT's bias=False). Output has x's dtype; statistics are fp32;
     gradients for weight and bias come back in their own dtypes.
     """
-    _check_inputs(x, weight, bias)
-    return _LayerNormFunction.apply(x, weight, bias, float(eps))
+    _check_inputs("layer_norm", x, weight, bias)
+    return _NormFunction.apply(x, weight, bias, float(eps), False)
+
+
+def rms_norm(x, weight, eps=1e-5):
+    """RMSNorm of x over its last dimension, N = x.shape[-1]: x / sqrt(mean(x^2) + eps) * weight.
+
+    torch.nn.functional.rms_norm(x, (N,), weight, eps), except that eps defaults to 1e-5 rather
+    than the machine epsilon of x's dtype (0.0078 for bf16, which would make the result depend on
+    the training precision). weight, of shape (N,), is required, as for layer_norm. Output has x's
+    dtype; the statistic is fp32; weight's gradient comes back in weight's dtype.
+    """
+    _check_inputs("rms_norm", x, weight, None)
+    return _NormFunction.apply(x, weight, None, float(eps), True)
 
 
 def layer_norm_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether layer_norm runs compiled (not interpreted) for this dtype and device."""
+    """Whether layer_norm and rms_norm run compiled (not interpreted) for this dtype and device."""
     return torch.device(device).type == "cuda" and dtype in SUPPORTED_DTYPES
 
 
@@ -315,3 +353,8 @@ def layer_norm_reference(x, weight, bias=None, eps=1e-5):
     var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
     y = (x - mean) / torch.sqrt(var + eps) * weight
     return y if bias is None else y + bias
+
+
+def rms_norm_reference(x, weight, eps=1e-5):
+    """Plain PyTorch RMSNorm with the statistic written out, computed in x's dtype."""
+    return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * weight
