@@ -206,8 +206,9 @@ def clean_state_dict(state_dict: dict) -> dict:
 
 
 def model_args_of(model: GPT) -> dict:
-    """nanoGPT's model_args for a model: the GPTConfig fields it saves."""
-    return {key: getattr(model.config, key) for key in MODEL_ARG_KEYS}
+    """The model_args a checkpoint records: nanoGPT's, plus the modern-recipe switches that are on (so a
+    GPT-2-shaped model's are exactly nanoGPT's, and nanoGPT's sample.py reads its checkpoints)."""
+    return {**{key: getattr(model.config, key) for key in MODEL_ARG_KEYS}, **model.config.switches_on()}
 
 
 def build_model(checkpoint: Checkpoint, attn_impl: str = "auto", ln_impl: str = "auto", dropout: float | None = None,

@@ -190,6 +190,12 @@ def load_hf_gpt2(name_or_dir: str, override_args: dict, attn_impl: str, ln_impl:
 
 def hf_config(model: GPT) -> dict:
     cfg = model.config
+    if cfg.switches_on():
+        raise ValueError(
+            f"save_pretrained writes GPT-2's architecture, and this model differs from it: "
+            f"{', '.join(f'{k}={v!r}' for k, v in cfg.switches_on().items())}. transformers' GPT2LMHeadModel cannot "
+            "represent that; save the model with train.py's checkpoints (ckpt.pt) instead"
+        )
     eot = GPT2_EOT if cfg.vocab_size > GPT2_EOT else None  # a small vocabulary has no <|endoftext|>
     return {
         "model_type": "gpt2",
@@ -233,9 +239,10 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def save_hf_gpt2(model: GPT, directory: Path) -> None:
+    config = hf_config(model)  # first: a model GPT-2 cannot represent is refused before anything is written
     directory.mkdir(parents=True, exist_ok=True)
     # each file goes to a temporary name first: readers see the old file or the new one, never a torn one
     with atomic_open(directory / HF_SAFETENSORS) as f:
         f.write(safetensors_bytes(hf_state_dict(model), metadata={"format": "pt"}))
     with atomic_open(directory / HF_CONFIG) as f:
-        f.write((json.dumps(hf_config(model), indent=2) + "\n").encode())
+        f.write((json.dumps(config, indent=2) + "\n").encode())

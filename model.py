@@ -30,12 +30,46 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
+    # The modern recipe's switches, all off by default (GPT-2's architecture). Checkpoints record the ones
+    # that are on, so a GPT-2-shaped model's model_args stay exactly nanoGPT's.
+    pos_embedding: str = "learned"  # 'learned' (GPT-2's wpe) or 'rope' (rotary, on q and k of each head)
+    rope_base: float = 10000.0  # RoPE's base: position p turns frequency i by p * base^(-2i/head_dim)
+    norm: str = "layernorm"  # 'layernorm' or 'rmsnorm' (no mean, no bias)
+    qk_norm: bool = False  # RMS-normalize q and k of each head before attention
+    activation: str = "gelu"  # 'gelu' or 'relu2' (ReLU squared)
+    tie_embeddings: bool = True  # lm_head shares wte's matrix (False: its own, zero-initialized)
+    logit_softcap: float = 0.0  # 0: off; c > 0: logits = c * tanh(logits / c)
+    zero_init_proj: bool = False  # zero-initialize the residual output projections (attention and MLP c_proj)
+
+    def __post_init__(self):
+        choices = {"pos_embedding": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "activation": ("gelu", "relu2")}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ValueError(f"{key} must be one of {valid}, got {getattr(self, key)!r}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap must be 0 (off) or a positive cap, got {self.logit_softcap}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.pos_embedding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos_embedding='rope' rotates pairs of dimensions: the head size "
+                             f"n_embd / n_head = {self.n_embd // self.n_head} must be even")
+        if self.rope_base <= 1:
+            raise ValueError(f"rope_base must be > 1, got {self.rope_base}")
 
     @classmethod
     def from_dict(cls, model_args: dict) -> "GPTConfig":
         """Build from a checkpoint's model_args, ignoring keys this config does not know."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in model_args.items() if k in names})
+
+    def switches_on(self) -> dict:
+        """The modern-recipe switches that differ from GPT-2's architecture."""
+        default = GPTConfig()
+        return {key: getattr(self, key) for key in SWITCHES if getattr(self, key) != getattr(default, key)}
+
+
+SWITCHES = ("pos_embedding", "rope_base", "norm", "qk_norm", "activation", "tie_embeddings", "logit_softcap",
+            "zero_init_proj")
 
 
 # -----------------------------------------------------------------------------
@@ -112,20 +146,39 @@ def attention(q, k, v, impl: str, dropout_p: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
+def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """RoPE on (B, H, T, D): the pair (x[i], x[i + D/2]) of a position p turns by the angle p * base^(-2i/D).
+    The angles are computed in float64 (float32 on MPS, which has no float64): positions grow without bound
+    when a KV cache rolls past block_size, and float32 angles lose precision there."""
+    half = x.size(-1) // 2
+    dtype = torch.float32 if x.device.type == "mps" else torch.float64
+    inv_freq = base ** (-torch.arange(half, dtype=dtype, device=x.device) / half)
+    angles = positions.to(dtype)[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
 # -----------------------------------------------------------------------------
 # The model
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1), or RMSNorm (rms=True: no
+    mean subtracted, no bias) under the same name, so both keep nanoGPT's parameter names."""
 
-    def __init__(self, ndim: int, bias: bool):
+    def __init__(self, ndim: int, bias: bool, rms: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias and not rms else None
+        self.rms = rms
         self.impl = "torch"  # resolved by GPT.resolve_impl
 
     def forward(self, x):
+        if self.rms:
+            if self.impl == "triton":
+                return kernels_module().rms_norm(x, self.weight, 1e-5)
+            return F.rms_norm(x, self.weight.shape, self.weight, 1e-5)
         if self.impl == "triton":
             return kernels_module().layer_norm(x, self.weight, self.bias, 1e-5)
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
@@ -141,23 +194,36 @@ class LayerCache:
         self.v: torch.Tensor | None = None
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the keys and values of positions start.., return those of all positions so far."""
+        """Store the keys and values of positions start.., return those of all positions so far (the last
+        max_length of them, once a rolling cache is full)."""
         if self.k is None or self.k.shape[0] != k.shape[0] or self.k.dtype != k.dtype:
             shape = (k.shape[0], k.shape[1], self.max_length, k.shape[3])
             self.k = k.new_empty(shape)
             self.v = v.new_empty(shape)
         end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        if end <= self.max_length:
+            self.k[:, :, start:end] = k
+            self.v[:, :, start:end] = v
+            return self.k[:, :, :end], self.v[:, :, :end]
+        # Rolling (RoPE models, one new token at a time): the new position takes the oldest one's slot. The
+        # keys carry their positions in their rotation, so a single query needs them in no particular order.
+        slot = start % self.max_length
+        self.k[:, :, slot] = k[:, :, 0]
+        self.v[:, :, slot] = v[:, :, 0]
+        return self.k, self.v
 
 
 class KVCache:
-    """Keys and values of every layer for the positions seen so far (generation only)."""
+    """Keys and values of every layer for the positions seen so far (generation only). A rolling cache
+    (RoPE models) keeps going past block_size, each new position taking the oldest one's place."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, rolling: bool = False):
+        if rolling and config.pos_embedding != "rope":
+            raise ValueError("a rolling KV cache needs pos_embedding='rope': learned position embeddings are "
+                             "absolute, and a position past block_size has none")
         self.layers = [LayerCache(config.block_size) for _ in range(config.n_layer)]
         self.length = 0  # positions filled
+        self.rolling = rolling
 
 
 class CausalSelfAttention(nn.Module):
@@ -170,12 +236,19 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
+        self.rope_base = config.rope_base if config.pos_embedding == "rope" else None
         self.impl = "sdpa"  # resolved by GPT.resolve_impl
 
-    def forward(self, x, cache: LayerCache | None = None, start: int = 0):
+    def forward(self, x, positions: torch.Tensor, cache: LayerCache | None = None, start: int = 0):
         B, T, C = x.size()
         # (B, T, 3, H, D) -> three (B, H, T, D) views; the Triton kernel reads the strides as they are
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if self.qk_norm:
+            # an explicit eps: F.rms_norm's default is the dtype's, which would change with autocast
+            q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)
+        if self.rope_base is not None:
+            q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
         if cache is not None:
             k, v = cache.update(k, v, start)
         dropout_p = self.dropout if self.training else 0.0
@@ -188,24 +261,27 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU() if config.activation == "gelu" else None  # nanoGPT's name, for its GELU setting
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        x = self.c_fc(x)
+        x = self.gelu(x) if self.gelu is not None else F.relu(x).square()
+        return self.dropout(self.c_proj(x))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        rms = config.norm == "rmsnorm"
+        self.ln_1 = LayerNorm(config.n_embd, config.bias, rms)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias, rms)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache: LayerCache | None = None, start: int = 0):
-        x = x + self.attn(self.ln_1(x), cache, start)
+    def forward(self, x, positions: torch.Tensor, cache: LayerCache | None = None, start: int = 0):
+        x = x + self.attn(self.ln_1(x), positions, cache, start)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -214,23 +290,25 @@ class GPT(nn.Module):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos_embedding == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(drop=nn.Dropout(config.dropout), h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                       ln_f=LayerNorm(config.n_embd, config.bias, config.norm == "rmsnorm"))
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and unembeds.
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # Weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and unembeds.
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
-        # GPT-2's scaled init of the residual projections: 0.02/sqrt(2 * n_layer)
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                # GPT-2's scaled init of the residual projections, 0.02/sqrt(2 * n_layer); or zero, so that
+                # each block starts as the identity and grows into the residual stream
+                std = 0.0 if config.zero_init_proj else 0.02 / math.sqrt(2 * config.n_layer)
+                torch.nn.init.normal_(param, mean=0.0, std=std)
+        if not config.tie_embeddings:
+            torch.nn.init.zeros_(self.lm_head.weight)  # the untied head starts at uniform predictions
         self.set_impl(attn_impl, ln_impl)
 
     def set_impl(self, attn_impl: str = "auto", ln_impl: str = "auto") -> None:
@@ -264,11 +342,13 @@ class GPT(nn.Module):
         self.impl_device = device
 
     def get_num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; by default without the position embeddings (the token embeddings are
-        counted once, as the tied lm_head)."""
+        """Parameter count; by default without the embeddings, whose lookups cost no FLOPs (tied token
+        embeddings are counted once, as the lm_head they share)."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n_params -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n_params -= self.transformer.wte.weight.numel()  # a lookup, not a matmul: no FLOPs
         return n_params
 
     def _init_weights(self, module):
@@ -291,45 +371,47 @@ class GPT(nn.Module):
             print("attn_impl='triton': the single-token decoding steps run SDPA (the kernel is for whole blocks)",
                   file=sys.stderr)
             self.told_about_decoding = True
-        if start + t > self.config.block_size:
+        rolling = cache is not None and cache.rolling and t == 1
+        if start + t > self.config.block_size and not rolling:
             raise ValueError(
                 f"cannot forward a sequence of length {start + t}: block_size is {self.config.block_size}; "
                 "crop the input to the last block_size tokens"
             )
         pos = torch.arange(start, start + t, dtype=torch.long, device=device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache.layers[i] if cache is not None else None, start)
+            x = block(x, pos, cache.layers[i] if cache is not None else None, start)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.length = start + t
-        if targets is not None:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-            return logits, loss
-        return self.lm_head(x[:, [-1], :]), None  # the list index keeps the time dim
+        if targets is None:
+            x = x[:, [-1], :]  # generation needs the last position only; the list index keeps the time dim
+        logits = self.lm_head(x)
+        if self.config.logit_softcap:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context length, e.g. to finetune GPT-2 (1024) with a shorter block."""
         if block_size > self.config.block_size:
             raise ValueError(f"can only crop block_size down: {block_size} > {self.config.block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type) -> torch.optim.AdamW:
-        """AdamW with weight decay on the matrices (2D+) only, not on biases and layer norm gains."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        # The fused kernel does the whole update in one launch; PyTorch has it on CUDA and (2.4+) CPU.
-        try:
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
-        except (RuntimeError, TypeError):
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type) -> torch.optim.Optimizer:
+        """nanoGPT's AdamW, with weight decay on the matrices (2D+) only, not on biases and norm gains.
+        (optim.py builds it, and the Muon alternative.)"""
+        from optim import build_optimizer  # optim.py builds on this module
+
+        return build_optimizer(self, "adamw", learning_rate, weight_decay, betas, device_type)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
@@ -354,22 +436,31 @@ class GPT(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
         refill: int | None = None,
+        roll: bool = False,
     ) -> Iterator[torch.Tensor]:
         """Yield max_new_tokens next tokens (B, 1), one at a time, continuing idx (B, T).
 
         Each token is conditioned on the last block_size tokens, as in nanoGPT. With the KV cache the prompt
         is run once and then each step runs only the newest token. Once the sequence is longer than
-        block_size, every position's embedding shifts with the window, so the cache cannot be reused and
+        block_size, a learned position embedding shifts with the window, so the cache cannot be reused and
         each step runs the whole window again: exactly what happens without the cache. `refill=N` trades
         that exactness for speed: when the window is full, restart the cache from the last N tokens and
         decode one token per step again until it fills, so each token sees between N and block_size tokens.
+        `roll=True` (RoPE models, whose attention depends on relative positions only) keeps decoding one
+        token per step past block_size: the newest position replaces the oldest in every layer's cache, so
+        each token attends to the cached states of the last block_size positions. With one layer that is
+        exactly the window rerun; with more, those cached states were computed from their own windows, so
+        information reaches further back (sliding-window attention) and the result differs from a rerun.
         """
         block_size = self.config.block_size
+        rolling = use_cache and roll
+        if refill is not None and rolling:
+            raise ValueError("refill and roll are two ways past block_size: pick one")
         if refill is not None and not 0 < refill < block_size:
             raise ValueError(f"refill must be between 1 and block_size - 1 ({block_size - 1}), got {refill}")
-        cache = KVCache(self.config) if use_cache else None
+        cache = KVCache(self.config, rolling) if use_cache else None
         for _ in range(max_new_tokens):
-            if cache is not None and 0 < cache.length < block_size:
+            if cache is not None and 0 < cache.length and (cache.length < block_size or rolling):
                 logits, _ = self(idx[:, -1:], cache=cache)
             elif cache is not None and (cache.length == 0 or refill is not None):
                 context = block_size if cache.length == 0 else refill

@@ -36,6 +36,7 @@ dtype = "auto"  # 'auto', 'float32', 'bfloat16' or 'float16'
 compile: bool | str = False  # torch.compile the model (faster sampling after a slow first step)
 kv_cache = True  # run the prompt once and then one token per step
 kv_refill: int | None = None  # past block_size, restart the cache from the last N tokens (faster, inexact)
+kv_roll = False  # RoPE models: past block_size, the cache rolls (one token per step; sliding-window attention)
 stream = False  # print tokens as they are generated
 stop_at_eot = False  # end a sample at GPT-2's <|endoftext|> token
 attn_impl = "auto"
@@ -105,6 +106,7 @@ class SamplingSettings:
     top_p: float | None = None
     kv_cache: bool = True
     kv_refill: int | None = None
+    kv_roll: bool = False
     stop_at_eot: bool = False
 
 
@@ -115,7 +117,8 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], batch
     idx = torch.tensor(prompt_ids, dtype=torch.long, device=device).expand(batch, -1)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     rows = [[] for _ in range(batch)]
-    stream_kwargs = dict(top_p=settings.top_p, use_cache=settings.kv_cache, refill=settings.kv_refill)
+    stream_kwargs = dict(top_p=settings.top_p, use_cache=settings.kv_cache, refill=settings.kv_refill,
+                         roll=settings.kv_roll)
     tokens = model.generate_stream(idx, settings.max_new_tokens, settings.temperature, settings.top_k, **stream_kwargs)
     for token in tokens:
         token = token.squeeze(1)

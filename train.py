@@ -41,7 +41,8 @@ import training
 from configurator import autocast, configure, resolve_compile, resolve_device, resolve_dtype
 from data import TokenSplit, load_meta
 from fileio import DownloadError
-from model import GPT, GPTConfig
+from model import GPT, SWITCHES, GPTConfig
+from optim import build_optimizer, set_lr
 from select_impl import choose_impls
 
 # -----------------------------------------------------------------------------
@@ -72,6 +73,15 @@ n_head = 12
 n_embd = 768
 dropout = 0.0  # 0 for pretraining, try 0.1+ for finetuning
 bias = False  # biases inside LayerNorm and Linear layers?
+# the modern recipe, all off by default (GPT-2's architecture); README: "The modern recipe"
+pos_embedding = "learned"  # 'learned' (GPT-2's position embedding) or 'rope' (rotary)
+rope_base = 10000.0
+norm = "layernorm"  # 'layernorm' or 'rmsnorm'
+qk_norm = False  # RMS-normalize q and k of each head
+activation = "gelu"  # 'gelu' or 'relu2' (ReLU squared)
+tie_embeddings = True  # share the token embedding with the lm_head
+logit_softcap = 0.0  # 0: off; c: logits = c * tanh(logits / c)
+zero_init_proj = False  # zero-initialize the residual output projections
 attn_impl = "auto"  # 'auto', 'eager', 'sdpa' or 'triton'
 ln_impl = "auto"  # 'auto', 'torch' or 'triton'
 # adamw optimizer
@@ -81,6 +91,9 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip gradients at this value, or disable if == 0.0
+optimizer = "adamw"  # 'adamw', or 'muon': Muon for the blocks' matrices, AdamW (the settings above) for the rest
+muon_lr = 0.02  # Muon's peak learning rate (the schedule scales it like learning_rate)
+muon_momentum = 0.95
 # learning rate decay settings
 decay_lr = True  # whether to decay the learning rate
 warmup_iters = 2000  # how many steps to warm up for
@@ -104,7 +117,8 @@ def fail(message: str) -> None:
 
 
 def make_optimizer(model: GPT) -> torch.optim.Optimizer:
-    return model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    return build_optimizer(model, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type, muon_lr,
+                           muon_momentum)
 
 
 device_type = resolve_device(device).split(":")[0]
@@ -165,7 +179,7 @@ try:
     if init_from == "scratch":
         vocab_size = meta_vocab_size if meta_vocab_size is not None else 50304
         model_config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                                 n_embd=n_embd, dropout=dropout, bias=bias)
+                                 n_embd=n_embd, dropout=dropout, bias=bias, **{k: config[k] for k in SWITCHES})
         model = GPT(model_config, attn_impl, ln_impl)
     elif init_from == "resume":
         # the architecture comes from the checkpoint; dropout may be changed on resume
@@ -201,10 +215,13 @@ if fsdp:
     training.shard_model(model, device, dist.world_size, dtype)
 # fp16 needs loss scaling to keep small gradients from underflowing; elsewhere the scaler is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-optimizer = make_optimizer(model)
+try:
+    opt = make_optimizer(model)
+except ValueError as error:
+    fail(str(error))
 if checkpoint is not None:
     try:
-        ckpt.load_weights_into(checkpoint, model, optimizer, make_optimizer)
+        ckpt.load_weights_into(checkpoint, model, opt, make_optimizer)
     except ckpt.CheckpointError as error:
         fail(str(error))
     if checkpoint.state.get("scaler"):
@@ -231,7 +248,7 @@ def save_checkpoint(latest: bool) -> None:
     """Every rank takes part: the RNG states are gathered from all, and under FSDP each writes its shards."""
     state = ckpt.train_state(raw_model, iter_num, early_stopping.best, config, scaler.state_dict(),
                              ckpt.gather_rng_states(device, dist.world_size), early_stopping.evals_since_best)
-    path = ckpt.save(out_dir, latest, raw_model, optimizer, state, fsdp, master_process)
+    path = ckpt.save(out_dir, latest, raw_model, opt, state, fsdp, master_process)
     if master_process:
         if not latest:
             ckpt.remove_latest(out_dir)  # older than the one just written
@@ -283,10 +300,10 @@ while True:
 
     # forward, backward, update, with gradient accumulation to simulate a larger batch
     lr = training.get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
-    training.set_lr(optimizer, lr)
+    set_lr(opt, lr, learning_rate, muon_lr)
     t0 = time.time()
     first_micro = dist.rank * accumulation  # this rank's share of the global step's micro-batches
-    loss = training.train_step(model, optimizer, scaler, lambda i: batches.train(iter_num, first_micro + i),
+    loss = training.train_step(model, opt, scaler, lambda i: batches.train(iter_num, first_micro + i),
                                accumulation, grad_clip, ctx, sync_gradients)
 
     # timing and logging
@@ -316,7 +333,7 @@ stop_signal.uninstall()
 if stopped_by_signal and master_process:
     print(f"stopped at iter {iter_num}; to continue, run the same command with --init_from=resume "
           f"(out_dir={out_dir})", file=sys.stderr)
-model = raw_model = optimizer = None  # free FSDP's state before leaving the process group
+model = raw_model = opt = None  # free FSDP's state before leaving the process group
 training.teardown_distributed(dist)
 if stopped_by_signal:
     sys.exit(stop_signal.exit_code if stop_signal.received is not None else 143)

@@ -45,11 +45,6 @@ def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 # -----------------------------------------------------------------------------
 # Data: which batch each micro-step sees
 

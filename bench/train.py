@@ -27,7 +27,8 @@ import torch  # noqa: E402
 from bench import common  # noqa: E402
 from configurator import autocast, script_config  # noqa: E402
 from metrics import gpu_peak_flops  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, SWITCHES, GPTConfig  # noqa: E402
+from optim import build_optimizer  # noqa: E402
 from training import train_step  # noqa: E402
 
 # impl -> (attn_impl, ln_impl) of the model
@@ -49,8 +50,8 @@ def train_config(name: str) -> dict:
 
 
 def model_config(config: dict, vocab_size: int) -> GPTConfig:
-    return GPTConfig(vocab_size=vocab_size, **{k: config[k] for k in ("n_layer", "n_head", "n_embd", "block_size",
-                                                                      "dropout", "bias")})
+    keys = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", *SWITCHES)
+    return GPTConfig(vocab_size=vocab_size, **{k: config[k] for k in keys})
 
 
 def tokens_per_s(batch: int, block_size: int, ms: float) -> float:
@@ -64,8 +65,9 @@ def bench_step(config: dict, model_cfg: GPTConfig, batch: int, impl: str, use_co
     torch.manual_seed(0)
     model = GPT(model_cfg, *IMPLS[impl]).to(device)
     device_type = device.split(":")[0]
-    optimizer = model.configure_optimizers(config["weight_decay"], config["learning_rate"],
-                                           (config["beta1"], config["beta2"]), device_type)
+    optimizer = build_optimizer(model, config["optimizer"], config["learning_rate"], config["weight_decay"],
+                                (config["beta1"], config["beta2"]), device_type, config["muon_lr"],
+                                config["muon_momentum"])
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 needs loss scaling
     ctx = autocast(device, dtype)
     forward = torch.compile(model) if use_compile else model

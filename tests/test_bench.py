@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from bench import attn, common, layernorm, sample
+from bench import attn, common, layernorm, recipe, sample
 from bench import train as train_bench
 from conftest import HAS_CUDA, REPO
 
@@ -22,7 +22,7 @@ SCRIPTS = {
     "layernorm": (["impl", "mode", "M", "N", "ms", "GB_s", "pct_copy", "vs_torch", "vs_compile", "note"], 1 * 3 * 2),
     "train": (["model", "impl", "compile", "B", "T", "ms", "tok_s", "MFU_pct", "peak_MiB", "vs_sdpa", "vs_eager",
                "note"], 2),
-    "sample": (["new_tokens", "method", "exact", "s", "tok_s", "vs_nocache", "note"], 2 * 4),
+    "sample": (["model", "new_tokens", "method", "exact", "s", "tok_s", "vs_nocache", "note"], 2 * 4 + 2 * 3),
 }
 
 
@@ -132,9 +132,16 @@ def test_outputs_are_checked_before_timing():
 
 
 def test_sample_exactness():
-    assert sample.is_exact(dict(use_cache=True), 1000, 256)
-    assert sample.is_exact(dict(use_cache=True, refill=128), 250, 256)  # never outgrows the block
-    assert not sample.is_exact(dict(use_cache=True, refill=128), 1000, 256)
+    from model import GPTConfig
+
+    config = GPTConfig(block_size=256, n_layer=6)
+    assert sample.is_exact(dict(use_cache=True), 1000, config)
+    assert sample.is_exact(dict(use_cache=True, refill=128), 250, config)  # never outgrows the block
+    assert not sample.is_exact(dict(use_cache=True, refill=128), 1000, config)
+    rope = GPTConfig(block_size=256, n_layer=6, pos_embedding="rope")
+    assert not sample.is_exact(dict(use_cache=True, roll=True), 1000, rope)
+    assert sample.is_exact(dict(use_cache=True, roll=True), 250, rope)
+    assert sample.is_exact(dict(use_cache=True, roll=True), 1000, GPTConfig(block_size=256, n_layer=1, pos_embedding="rope"))
 
 
 def run_script(name, tmp_path, *args):
@@ -199,3 +206,16 @@ def test_train_bench_times_train_py_step_with_train_py_settings(monkeypatch):
     config = train_bench.train_config("tiny")
     train_bench.bench_step(config, train_bench.model_config(config, 65), 2, "sdpa", False, "cpu", "float32", 1, 1)
     assert len(steps) >= 2 and steps[0][5] == config["grad_clip"]  # warm-up and timed steps, train.py's clip
+
+
+def test_recipe_bench_trains_both_recipes_on_train_py_functions(tmp_path):
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, str(REPO / "prepare" / "shakespeare_char.py"), "--data_dir", str(data)],
+                   check=True, capture_output=True, timeout=300)
+    out = run_script("recipe", tmp_path, "--data_dir", str(data), "--ablation")
+    rows = table_rows(out.stdout, ["recipe", "steps", "seconds", "tokens_M", "val_loss", "s_to_target",
+                                   "steps_to_target", "vs_gpt2"])
+    assert [r.split(" | ")[0].strip("| ") for r in rows] == ["gpt2", "modern", *recipe.ABLATIONS]
+    assert (tmp_path / "recipe.json").is_file()
+    modern = recipe.recipes(ablation=False, quick=True)["modern"]
+    assert modern["optimizer"] == "muon" and modern["pos_embedding"] == "rope" and modern["n_layer"] == 1

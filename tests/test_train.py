@@ -239,3 +239,34 @@ def test_sigterm_exits_143_after_saving(workdir, tmp_path):
     result = run_train(workdir, "--out_dir=preempted", "--max_iters=12", "--eval_interval=5", env=env, check=False)
     assert result.returncode == 143 and "SIGTERM received" in result.stderr
     assert load_file(workdir / "preempted" / "ckpt.pt")["iter_num"] == 3
+
+
+MODERN = ["--pos_embedding=rope", "--norm=rmsnorm", "--qk_norm=True", "--activation=relu2", "--tie_embeddings=False",
+          "--logit_softcap=15.0", "--zero_init_proj=True", "--optimizer=muon", "--muon_lr=0.02"]
+
+
+def test_modern_recipe_with_muon_resumes_exactly_and_samples(workdir):
+    """Every switch on and Muon: stop at 5, resume to 10, the very losses of an uninterrupted run (dropout on);
+    the checkpoint records the switches and sample.py rebuilds the model from them."""
+    common = [*MODERN, "--dropout=0.1", "--eval_interval=5"]
+    run_train(workdir, *common, "--out_dir=modern_full", "--max_iters=10")
+    run_train(workdir, *common, "--out_dir=modern_split", "--max_iters=5")
+    run_train(workdir, *common, "--out_dir=modern_split", "--max_iters=10", "--init_from=resume")
+    full, split = step_losses(workdir / "modern_full"), step_losses(workdir / "modern_split")
+    assert {i: split[i] for i in range(5, 10)} == {i: full[i] for i in range(5, 10)}
+    ckpt = load_file(workdir / "modern_split" / "ckpt.pt")
+    assert ckpt["model_args"]["pos_embedding"] == "rope" and ckpt["model_args"]["tie_embeddings"] is False
+    assert {g["muon"] for g in ckpt["optimizer"]["param_groups"]} == {True, False}
+    out = subprocess.run([sys.executable, str(REPO / "sample.py"), "--device=cpu", "--out_dir=modern_split",
+                          "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=40", "--kv_roll=True"],
+                         cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("(meta.pkl)\n", 1)[1].startswith("ROMEO:")
+
+
+def test_bad_recipe_values_are_clear_errors(workdir):
+    for flag, message in (("--pos_embedding=alibi", "pos_embedding must be one of ('learned', 'rope')"),
+                          ("--logit_softcap=-1.0", "logit_softcap must be 0 (off) or a positive cap"),
+                          ("--optimizer=lion", "optimizer must be one of ('adamw', 'muon')")):
+        result = run_train(workdir, flag, "--max_iters=1", "--out_dir=bad_recipe", check=False)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
