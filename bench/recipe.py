@@ -3,13 +3,14 @@ faster. Each recipe trains with train.py's own functions (training.train_step, e
 after the other in this invocation, so all see the same machine; the clock stops during evals.
 
     python bench/recipe.py --ablation --out bench/results/recipe/cpu   # CPU: the quickstart's model and data
-    python bench/recipe.py --budget 120                               # a longer budget
+    python bench/recipe.py --budget 120                               # a longer run each
     python bench/recipe.py --quick                                  # a few seconds
 
 Recipes are train.py configs: `gpt2` is config/shakespeare_cpu_gpt2.py (the quickstart's model, data and
 steps with GPT-2's recipe and AdamW); `modern` is config/shakespeare_cpu.py, the quickstart itself (every
 switch on, Muon). An ablation adds GPT-2 plus one switch (learning rates as GPT-2's, Muon's its own).
-Each recipe runs its config's schedule (max_iters) or until the budget is spent, whichever comes first.
+Each recipe gets the same wall-clock budget: its schedule (warmup, then cosine decay to min_lr) is fitted
+to the number of steps the budget holds at the pace of its first steps, so a slower step means fewer steps.
 Needs data/shakespeare_char (python prepare/shakespeare_char.py).
 """
 import functools
@@ -37,9 +38,10 @@ ABLATIONS = {
     "+relu2": ["--activation=relu2"], "+untied": ["--tie_embeddings=False"], "+softcap": ["--logit_softcap=15.0"],
     "+zero_init": ["--zero_init_proj=True"], "+muon": ["--optimizer=muon"],
 }
-QUICK = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--batch_size=4", "--block_size=32", "--max_iters=6",
-         "--eval_interval=3", "--eval_iters=2", "--warmup_iters=2", "--lr_decay_iters=6"]
+QUICK = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--batch_size=4", "--block_size=32", "--eval_interval=20",
+         "--eval_iters=2", "--warmup_iters=2"]
 COLUMNS = ("recipe", "steps", "seconds", "tokens_M", "val_loss", "s_to_target", "steps_to_target", "vs_gpt2")
+CALIBRATION_STEPS = 10  # timed before the schedule is fitted to the budget
 
 
 def recipes(ablation: bool, quick: bool) -> dict[str, dict]:
@@ -52,7 +54,10 @@ def recipes(ablation: bool, quick: bool) -> dict[str, dict]:
 
 
 def run_recipe(config: dict, budget_s: float, device: str, dtype: str, data_dir: Path) -> list[dict]:
-    """Train one recipe; the evals: [{step, seconds, tokens, val_loss}], seconds excluding eval time."""
+    """Train one recipe for `budget_s` seconds; the evals: [{step, seconds, tokens, val_loss}], seconds
+    excluding eval time. The schedule is fitted to the budget: after CALIBRATION_STEPS steps at the
+    warmup's learning rates, max_iters (and lr_decay_iters) become the steps the budget holds at that
+    pace, so every recipe decays its learning rate fully within the same wall-clock time."""
     torch.manual_seed(config["seed"])
     splits = {s: TokenSplit(data_dir, s) for s in ("train", "val")}
     vocab = 65 if data_dir.name == "shakespeare_char" else 50304
@@ -66,19 +71,22 @@ def run_recipe(config: dict, budget_s: float, device: str, dtype: str, data_dir:
     ctx = autocast(device, dtype)
     batches = Batches(splits, config["batch_size"], config["block_size"], torch.device(device), config["seed"])
     tokens_per_step = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
-    evals, seconds, step = [], 0.0, 0
-    schedule = {k: config[k] for k in ("learning_rate", "warmup_iters", "lr_decay_iters", "min_lr", "decay_lr")}
+    evals, seconds, step, max_iters = [], 0.0, 0, None
+    schedule = {k: config[k] for k in ("learning_rate", "warmup_iters", "min_lr", "decay_lr")}
     while True:
-        if step % config["eval_interval"] == 0 or step == config["max_iters"] or seconds >= budget_s:
+        if step == CALIBRATION_STEPS:
+            max_iters = max(step + 1, int(budget_s / (seconds / step)))
+        finished = max_iters is not None and step >= max_iters
+        if step % config["eval_interval"] == 0 or finished:
             val = estimate_loss(model, batches.eval, config["eval_iters"], ctx, splits=("val",))["val"]
             evals.append({"step": step, "seconds": seconds, "tokens": step * tokens_per_step, "val_loss": val})
-        if step >= config["max_iters"] or seconds >= budget_s:
+        if finished:
             return evals
-        set_lr(opt, get_lr(step, **schedule), config["learning_rate"], config["muon_lr"])
+        lr = get_lr(step, lr_decay_iters=max_iters or 10**9, **schedule)
+        set_lr(opt, lr, config["learning_rate"], config["muon_lr"])
         start = time.perf_counter()
-        accumulation = config["gradient_accumulation_steps"]
-        loss = train_step(model, opt, scaler, functools.partial(batches.train, step), accumulation,
-                          config["grad_clip"], ctx)
+        loss = train_step(model, opt, scaler, functools.partial(batches.train, step),
+                          config["gradient_accumulation_steps"], config["grad_clip"], ctx)
         loss.item()  # wait for the device: the clock measures finished work
         seconds += time.perf_counter() - start
         step += 1
@@ -110,12 +118,12 @@ def draw_curves(plt, curves: dict[str, list[dict]], title: str):
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__)
-    p.add_argument("--budget", type=float, default=120.0, help="wall-clock seconds of training per recipe (default 120)")
+    p.add_argument("--budget", type=float, default=45.0, help="seconds of training per recipe (default 45)")
     p.add_argument("--ablation", action="store_true", help="also GPT-2 plus each switch alone")
     p.add_argument("--data_dir", type=Path, default=Path("data/shakespeare_char"))
     args = p.parse_args(argv)
     device, dtype = common.device_and_dtype(args)
-    budget = 5.0 if args.quick else args.budget
+    budget = 0.5 if args.quick else args.budget
     configs = recipes(args.ablation, args.quick)
     curves = {}
     for name, config in configs.items():
@@ -136,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         f"target: the gpt2 recipe's final val loss ({target:.4f}); s_to_target, steps_to_target: the first eval at or "
         "below it (evals every eval_interval steps, so these are upper bounds at that resolution).",
         "vs_gpt2: the gpt2 recipe's seconds to the target over this recipe's (above 1: faster).",
-        "seconds: training time, evals excluded; each recipe stops at its max_iters or at the budget.",
+        (f"seconds: training time, evals excluded; each recipe's schedule is fitted to the budget after "
+         f"{CALIBRATION_STEPS} timed steps, so it ends near the budget with its learning rate decayed."),
     ]
     draw = functools.partial(draw_curves, curves=curves, title=f"val loss, {settings['model']} ({device})")
     common.report("recipe", "The GPT-2 recipe vs the modern recipe, same model size and budget", rows, COLUMNS,
