@@ -146,15 +146,21 @@ def attention(q, k, v, impl: str, dropout_p: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """RoPE on (B, H, T, D): the pair (x[i], x[i + D/2]) of a position p turns by the angle p * base^(-2i/D).
-    The angles are computed in float64 (float32 on MPS, which has no float64): positions grow without bound
-    when a KV cache rolls past block_size, and float32 angles lose precision there."""
-    half = x.size(-1) // 2
-    dtype = torch.float32 if x.device.type == "mps" else torch.float64
-    inv_freq = base ** (-torch.arange(half, dtype=dtype, device=x.device) / half)
+def rotary_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's (cos, sin), (T, head_dim / 2): position p turns frequency i by p * base^(-2i/head_dim).
+    Computed once per forward for every layer, in float64 (float32 on MPS, which has none): positions grow
+    without bound when a KV cache rolls past block_size, and float32 angles lose precision there."""
+    half = head_dim // 2
+    dtype = torch.float32 if positions.device.type == "mps" else torch.float64
+    inv_freq = base ** (-torch.arange(half, dtype=dtype, device=positions.device) / half)
     angles = positions.to(dtype)[:, None] * inv_freq[None, :]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return angles.cos(), angles.sin()
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on (B, H, T, D): the pair (x[i], x[i + D/2]) turns by the angle whose cos and sin are given."""
+    half = x.size(-1) // 2
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -237,18 +243,18 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
-        self.rope_base = config.rope_base if config.pos_embedding == "rope" else None
         self.impl = "sdpa"  # resolved by GPT.resolve_impl
 
-    def forward(self, x, positions: torch.Tensor, cache: LayerCache | None = None, start: int = 0):
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: LayerCache | None = None,
+                start: int = 0):
         B, T, C = x.size()
         # (B, T, 3, H, D) -> three (B, H, T, D) views; the Triton kernel reads the strides as they are
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if self.qk_norm:
             # an explicit eps: F.rms_norm's default is the dtype's, which would change with autocast
             q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)
-        if self.rope_base is not None:
-            q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
+        if rope is not None:
+            q, k = rotary(q, *rope), rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v, start)
         dropout_p = self.dropout if self.training else 0.0
@@ -280,8 +286,9 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, rms)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions: torch.Tensor, cache: LayerCache | None = None, start: int = 0):
-        x = x + self.attn(self.ln_1(x), positions, cache, start)
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: LayerCache | None = None,
+                start: int = 0):
+        x = x + self.attn(self.ln_1(x), rope, cache, start)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -379,11 +386,14 @@ class GPT(nn.Module):
             )
         pos = torch.arange(start, start + t, dtype=torch.long, device=device)
         x = self.transformer.wte(idx)
+        rope = None
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(pos)
+        else:
+            rope = rotary_tables(pos, self.config.n_embd // self.config.n_head, self.config.rope_base)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, pos, cache.layers[i] if cache is not None else None, start)
+            x = block(x, rope, cache.layers[i] if cache is not None else None, start)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.length = start + t

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import checkpoint as ckpt
 import optim
 from conftest import KERNEL_DEVICE
-from model import GPT, SWITCHES, GPTConfig, KVCache, rotary
+from model import GPT, SWITCHES, GPTConfig, KVCache, rotary, rotary_tables
 
 TINY = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False)
 MODERN = dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False,
@@ -57,12 +57,13 @@ def test_rope_is_the_complex_rotation():
     z = torch.complex(x[..., :4], x[..., 4:]) * torch.polar(torch.ones(7, 4, dtype=torch.float64),
                                                            positions[:, None].double() * theta)
     expected = torch.cat((z.real, z.imag), dim=-1)
-    torch.testing.assert_close(rotary(x, positions, base), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(rotary(x, *rotary_tables(positions, 8, base)), expected, atol=1e-12, rtol=0)
     # relative positions only: shifting every position leaves q . k unchanged
     q, k = torch.randn(2, 1, 5, 8, dtype=torch.float64), torch.randn(2, 1, 5, 8, dtype=torch.float64)
     p = torch.arange(5)
-    scores = rotary(q, p, base) @ rotary(k, p, base).transpose(-1, -2)
-    shifted = rotary(q, p + 777, base) @ rotary(k, p + 777, base).transpose(-1, -2)
+    here, there = rotary_tables(p, 8, base), rotary_tables(p + 777, 8, base)
+    scores = rotary(q, *here) @ rotary(k, *here).transpose(-1, -2)
+    shifted = rotary(q, *there) @ rotary(k, *there).transpose(-1, -2)
     torch.testing.assert_close(scores, shifted, atol=1e-9, rtol=0)
 
 
@@ -158,7 +159,8 @@ def sliding_window_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         h = block.ln_1(x)
         q, k, v = attn.c_attn(h).view(*h.shape[:2], 3, attn.n_head, -1).permute(2, 0, 3, 1, 4)
         q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)
-        q, k = rotary(q, positions, attn.rope_base), rotary(k, positions, attn.rope_base)
+        rope = rotary_tables(positions, q.size(-1), model.config.rope_base)
+        q, k = rotary(q, *rope), rotary(k, *rope)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         x = x + attn.c_proj(y.transpose(1, 2).reshape(h.shape))
         x = x + block.mlp(block.ln_2(x))
