@@ -59,7 +59,7 @@ def load_file(path: str | Path, fix: str = "delete it and resume from another ch
     message ends with `fix`."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _torch_load(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
     except pickle.UnpicklingError as error:
@@ -77,6 +77,17 @@ def load_file(path: str | Path, fix: str = "delete it and resume from another ch
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(state).__name__}, not a dict")
     return state
+
+
+def _torch_load(path: Path) -> object:
+    """Memory-mapped where the file allows (torch.save's zip format, nanoGPT's included): tensors are read
+    when used, so finding the newest checkpoint reads only iter_num, not a few GB of optimizer state."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
 
 
 class _MetadataUnpickler(pickle.Unpickler):
