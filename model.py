@@ -462,6 +462,9 @@ class GPT(nn.Module):
         exactly the window rerun; with more, those cached states were computed from their own windows, so
         information reaches further back (sliding-window attention) and the result differs from a rerun.
         """
+        check_sampling(temperature, top_k, top_p)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         block_size = self.config.block_size
         rolling = use_cache and roll
         if refill is not None and rolling:
@@ -514,23 +517,42 @@ def sample_next_token(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """One token per row of logits (B, V): greedy at temperature 0, else sampled from the softmax at that
-    temperature, restricted to the top_k most likely tokens and/or the smallest set whose probability
-    reaches top_p (nucleus sampling)."""
+    temperature over the tokens filter_logits keeps."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits (B, V) with -inf for the tokens sampling leaves out: all but the top_k most likely, and/or all
+    but the smallest set whose probability reaches top_p (nucleus sampling; top_p=0 keeps the most likely
+    token only). The tokens stay in vocabulary order."""
     if top_k is not None:
         kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     if top_p is not None:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         sorted_probs = F.softmax(sorted_logits, dim=-1)
-        # drop a token when the ones ranked above it already reach top_p (the most likely always stays)
+        # drop a token when the ones ranked above it already reach top_p; the most likely always stays,
+        # even at top_p=0, where nothing ranks above it and "already reach 0" would drop it too
         drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        drop_sorted[:, 0] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    return logits
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """A clear ValueError for sampling settings that mean nothing."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1, or None to keep every token; got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 <= top_p <= 1):
+        raise ValueError(f"top_p must be between 0 and 1 (0 keeps only the most likely token, 1 or None keeps "
+                         f"all), got {top_p!r}")
 
 
 def set_gelu_approximate(model: nn.Module, approximate: str) -> None:

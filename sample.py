@@ -19,7 +19,7 @@ import checkpoint as ckpt
 from configurator import autocast, configure, resolve_compile, resolve_device, resolve_dtype
 from data import load_meta
 from fileio import DownloadError
-from model import GPT
+from model import GPT, check_sampling
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (the checkpoint in out_dir), a GPT-2 name ('gpt2', ..., 'gpt2-xl') or an HF model dir
@@ -109,6 +109,11 @@ class SamplingSettings:
     kv_roll: bool = False
     stop_at_eot: bool = False
 
+    def __post_init__(self):
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+
 
 def generate_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], batch: int, settings: SamplingSettings,
                   on_token: Callable[[bytes], None] | None = None) -> list[str]:
@@ -136,6 +141,12 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], batch
 
 def main() -> None:
     config = configure(globals())
+    try:
+        settings = SamplingSettings(**{key: config[key] for key in SamplingSettings.__dataclass_fields__})
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    if not isinstance(config["num_samples"], int) or config["num_samples"] < 1:
+        raise SystemExit(f"error: num_samples must be an integer >= 1, got {config['num_samples']!r}")
     torch.manual_seed(config["seed"])
     device = resolve_device(config["device"])
     dtype = resolve_dtype(config["dtype"], device)
@@ -148,7 +159,6 @@ def main() -> None:
     prompt_ids = tokenizer.encode(read_prompt(config["start"]))
     if not prompt_ids:
         raise SystemExit("error: the prompt is empty; use --start='\\n' or --start='<|endoftext|>' for an unconditional sample")
-    settings = SamplingSettings(**{key: config[key] for key in SamplingSettings.__dataclass_fields__})
     with torch.no_grad(), autocast(device, dtype):
         if config["stream"]:
             for _ in range(config["num_samples"]):

@@ -8,7 +8,7 @@ import torch
 
 from conftest import REPO
 from checkpoint import Checkpoint, CheckpointError, build_model, clean_state_dict, load_weights_into
-from model import GPT, GPTConfig, sample_next_token
+from model import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=32, vocab_size=71, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
 
@@ -167,34 +167,6 @@ def test_kv_cache_greedy_matches_no_cache(impl, prompt_len, new_tokens):
     without = model.generate(prompt, new_tokens, temperature=0, use_cache=False)
     assert torch.equal(with_cache, without)
     assert with_cache.shape == (3, prompt_len + new_tokens)
-
-
-def test_kv_cache_logits_match_full_forward():
-    model = tiny_model().eval()
-    x = torch.randint(0, TINY.vocab_size, (2, 20))
-    full_logits, _ = model(x, x)
-    from model import KVCache
-
-    cache = KVCache(model.config)
-    model(x[:, :12], cache=cache)
-    for t in range(12, 20):
-        step_logits, _ = model(x[:, t : t + 1], cache=cache)
-        torch.testing.assert_close(step_logits[:, 0], full_logits[:, t], atol=1e-5, rtol=1e-5)
-
-
-def test_sampling_filters():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, -1)
-    gen = torch.Generator().manual_seed(0)
-    assert torch.equal(sample_next_token(logits, 0.0), torch.zeros(4000, 1, dtype=torch.long))
-    top_k = sample_next_token(logits, 1.0, top_k=2, generator=gen)
-    assert set(top_k.unique().tolist()) == {0, 1}
-    top_p = sample_next_token(logits, 1.0, top_p=0.8, generator=gen)  # 0.5 + 0.3 reaches 0.8
-    assert set(top_p.unique().tolist()) == {0, 1}
-    assert (top_p == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.04)
-    tiny_p = sample_next_token(logits, 1.0, top_p=0.01, generator=gen)
-    assert set(tiny_p.unique().tolist()) == {0}
-    everything = sample_next_token(logits, 1.0, generator=gen)
-    assert set(everything.unique().tolist()) == {0, 1, 2, 3}
 
 
 def test_checkpoint_keeps_gpt2_tanh_gelu():

@@ -89,3 +89,21 @@ def test_gpt2_bpe_and_stop_at_eot(tmp_path):
     common = ["--out_dir=out", "--start=Hello world", "--num_samples=1", "--max_new_tokens=5", "--temperature=0"]
     assert samples(run_sample(tmp_path, *common).stdout) == ["Hello world" + "<|endoftext|>" * 5]
     assert samples(run_sample(tmp_path, *common, "--stop_at_eot=True").stdout) == ["Hello world"]
+
+
+@pytest.mark.parametrize("option,message", [
+    ("--top_p=0", None),  # greedy, never a crash
+    ("--top_p=1.5", "top_p must be between 0 and 1"),
+    ("--top_k=0", "top_k must be an integer >= 1"),
+    ("--temperature=-1", "temperature must be a number >= 0"),
+    ("--max_new_tokens=-3", "max_new_tokens must be an integer >= 0"),
+    ("--num_samples=0", "num_samples must be an integer >= 1"),
+])
+def test_sampling_settings_are_checked(char_run, option, message):
+    out = run_sample(char_run, "--out_dir=out", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=10", option,
+                     check=message is None)
+    if message is None:
+        texts = samples(out.stdout.split("(meta.pkl)\n", 1)[1])
+        assert len(texts) == 2 and texts[0] == texts[1]  # top_p=0 keeps only the most likely token
+    else:
+        assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
