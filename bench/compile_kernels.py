@@ -171,8 +171,9 @@ def compile_attention(recorder: Recorder, quick: bool):
         seed = torch.tensor([1234]) if dropout_p else None
         recorder.case = (f"{str(dtype).removeprefix('torch.')}{' tf32' if tf32 else ''} D={head_dim}"
                          f"{' causal' if causal else ''}{f' dropout={dropout_p}' if dropout_p else ''}")
-        _, lse = fa._forward(q, q, q, causal, head_dim ** -0.5, dropout_p, seed)
-        fa._backward(q, q, q, q, q, lse, causal, head_dim ** -0.5, dropout_p, seed)
+        forward_tiles, backward_tiles = fa._choose_tiles(fa._block_d(head_dim), dtype, dropout_p > 0)
+        _, lse = fa._forward(q, q, q, causal, head_dim ** -0.5, dropout_p, seed, forward_tiles)
+        fa._backward(q, q, q, q, q, lse, causal, head_dim ** -0.5, dropout_p, seed, backward_tiles)
 
 
 def compile_norm(recorder: Recorder, quick: bool):

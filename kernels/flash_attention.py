@@ -22,6 +22,7 @@ Details:
 - Matmuls take fp16/bf16 tiles natively with fp32 accumulation; all other math is in fp32.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -54,6 +55,23 @@ def _load_tile(ptr, rows, cols, stride_t, stride_d, T, D, UPCAST: tl.constexpr):
     if UPCAST:  # the interpreter computes low-precision tl.dot wrongly
         tile = tile.to(tl.float32)
     return tile
+
+
+@triton.jit
+def _round_to(x, like_ptr, UPCAST: tl.constexpr):
+    """fp32 x rounded to the dtype of like_ptr's tensor, to nearest as a GPU rounds. Under the interpreter
+    (UPCAST) the result stays fp32, as its dots need, holding the rounded value: the tests then see the
+    GPU's precision. The interpreter's own cast to bfloat16 truncates, so it is rounded by hand there."""
+    dtype = like_ptr.dtype.element_ty
+    if not UPCAST:
+        rounded = x.to(dtype)
+    elif dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # to nearest, ties to even
+        rounded = bits.to(tl.float32, bitcast=True)
+    else:
+        rounded = x.to(dtype).to(tl.float32)
+    return rounded
 
 
 @triton.jit
@@ -105,7 +123,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, 
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p), p, 0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        acc = tl.dot(_round_to(p, v_ptr, UPCAST), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -142,7 +160,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
                                True, CAUSAL, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
 
     out = acc * (keep_scale / l_i)[:, None]
-    tl.store(o_ptr + rows[:, None] * stride_ot + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty),
+    tl.store(o_ptr + rows[:, None] * stride_ot + offs_d[None, :] * stride_od,
+             _round_to(out, O, UPCAST).to(O.dtype.element_ty),
              mask=(rows[:, None] < T) & (offs_d[None, :] < D))
     tl.store(LSE + bh.to(tl.int64) * T + rows, m_i + tl.log2(l_i), mask=rows < T)
 
@@ -181,12 +200,13 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, 
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
             keep_t = _dropout_keep(seed, bh, rows[None, :], cols[:, None], T, dropout_p)
-            dv = tl.dot(tl.where(keep_t, p_t * keep_scale, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
+            dv = tl.dot(_round_to(tl.where(keep_t, p_t * keep_scale, 0.0), do_ptr, UPCAST), do, dv,
+                        input_precision=PRECISION)
             dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
         else:
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+            dv = tl.dot(_round_to(p_t, do_ptr, UPCAST), do, dv, input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        dk = tl.dot(_round_to(ds_t, q_ptr, UPCAST), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -234,8 +254,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     mask = (cols[:, None] < T) & (offs_d[None, :] < D)
     offs = (b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
             + cols[:, None] * stride_gt + offs_d[None, :] * stride_gd)
-    tl.store(DK + offs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
+    tl.store(DK + offs, _round_to(dk * softmax_scale, DK, UPCAST).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + offs, _round_to(dv, DV, UPCAST).to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -255,7 +275,7 @@ def _bwd_dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_kd, str
         if DROPOUT:
             dp = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p), dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        dq = tl.dot(_round_to(ds, k_ptr, UPCAST), k, dq, input_precision=PRECISION)
     return dq
 
 
@@ -291,7 +311,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                        True, CAUSAL, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
     tl.store(DQ + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
              + rows[:, None] * stride_gt + offs_d[None, :] * stride_gd,
-             (dq * softmax_scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < T) & (offs_d[None, :] < D))
+             _round_to(dq * softmax_scale, DQ, UPCAST).to(DQ.dtype.element_ty), mask=(rows[:, None] < T) & (offs_d[None, :] < D))
 
 
 @triton.jit
@@ -305,8 +325,23 @@ def _dropout_mask_kernel(MASK, SEED, T, dropout_p, BLOCK: tl.constexpr):
              mask=(rows[:, None] < T) & (cols[None, :] < T))
 
 
-def _tile_config(block_d, dtype, dropout):
-    """(fwd, bwd) launch settings; each is (held tile, streamed tile, num_warps, num_stages).
+@dataclass(frozen=True)
+class Tiles:
+    """One kernel launch's tiling: a program holds `held` rows (queries in the forward and the dQ kernel, keys
+    in the dK/dV kernel) and streams the other side past them `streamed` rows at a time."""
+
+    held: int
+    streamed: int
+    warps: int
+    stages: int
+
+
+# Small tiles keep the interpreter fast and make T = tile +- 1 cheap to test.
+INTERPRETER_TILES = (Tiles(32, 16, 4, 1), Tiles(32, 16, 4, 1))
+
+
+def gpu_tiles(block_d: int, dtype: torch.dtype, dropout: bool, arch: int, allow_tf32: bool) -> tuple[Tiles, Tiles]:
+    """(forward, backward) tiles a GPU of compute capability `arch` (e.g. 90) launches.
 
     The held tile is a multiple of the streamed one so that the causal diagonal band is a whole number
     of streamed tiles. fp16/bf16 take the sizes commonly used for FlashAttention-2 in Triton; the rest
@@ -315,19 +350,37 @@ def _tile_config(block_d, dtype, dropout):
     half-width key tiles. fp32 tiles take twice the bytes, and without TF32 their dots run on CUDA
     cores with the operands in registers, so they are smaller again.
     """
-    if interpreter_enabled():  # small tiles keep the interpreter fast and make T = tile +- 1 cheap to test
-        return (32, 16, 4, 1), (32, 16, 4, 1)
     warps = 4 if block_d <= 64 else 8
     if dtype == torch.float32:
-        if _dot_precision(dtype) == "ieee":
-            return (32, 16, 8, 1), (32, 16, 8, 2)
-        return (64, 32, warps, 2), (32, 16, warps, 2)
+        if not allow_tf32:
+            return Tiles(32, 16, 8, 1), Tiles(32, 16, 8, 2)
+        return Tiles(64, 32, warps, 2), Tiles(32, 16, warps, 2)
     if dropout:
-        fwd = (128, 32, 8, 3)
+        fwd = Tiles(128, 32, 8, 3)
     else:
         # Before Hopper the score and output tiles of 4 warps fill all 255 registers and spill a little.
-        fwd = (128, 64, warps if _target_arch() >= 90 else 8, 3)
-    return fwd, (64, 32, warps, 2)
+        fwd = Tiles(128, 64, warps if arch >= 90 else 8, 3)
+    return fwd, Tiles(64, 32, warps, 2)
+
+
+def gpu_tile_choices() -> dict[tuple[Tiles, Tiles], tuple[int, torch.dtype, bool]]:
+    """Every (forward, backward) pair gpu_tiles can return on sm_80 to sm_90, each with one (block_d, dtype,
+    dropout) that picks it: what the tests run in the interpreter, so every tiling a GPU runs is checked."""
+    choices = {}
+    for arch in (80, 86, 89, 90):
+        for block_d in (16, 32, 64, 128):
+            for dtype in _SUPPORTED_DTYPES:
+                for dropout in (False, True):
+                    for allow_tf32 in (False, True):
+                        pair = gpu_tiles(block_d, dtype, dropout, arch, allow_tf32)
+                        choices.setdefault(pair, (block_d, dtype, dropout))
+    return choices
+
+
+def _choose_tiles(block_d: int, dtype: torch.dtype, dropout: bool) -> tuple[Tiles, Tiles]:
+    if interpreter_enabled():
+        return INTERPRETER_TILES
+    return gpu_tiles(block_d, dtype, dropout, _target_arch(), _dot_precision(dtype) == "tf32")
 
 
 @torch.compiler.assume_constant_result  # torch.compile folds it instead of tracing into Triton's driver
@@ -349,26 +402,28 @@ def _bthd_like(x):
     return torch.empty(B, T, H, D, dtype=x.dtype, device=x.device).transpose(1, 2)
 
 
-def _forward(q, k, v, causal, softmax_scale, dropout_p, seed):
+def _block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _forward(q, k, v, causal, softmax_scale, dropout_p, seed, tiles: Tiles):
     B, H, T, D = q.shape
-    block_d = max(16, triton.next_power_of_2(D))
-    (block_m, block_n, warps, stages), _ = _tile_config(block_d, q.dtype, dropout_p > 0)
     out = _bthd_like(q)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(T, block_m), H, B)
+    grid = (triton.cdiv(T, tiles.held), H, B)
     _fwd_kernel[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, T, D, softmax_scale * math.log2(math.e), seed, dropout_p, 1.0 / (1.0 - dropout_p),
-        CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_M=tiles.held, BLOCK_N=tiles.streamed, BLOCK_D=_block_d(D),
         UPCAST=interpreter_enabled() and q.dtype != torch.float32, PRECISION=_dot_precision(q.dtype),
-        num_warps=warps, num_stages=stages)
+        num_warps=tiles.warps, num_stages=tiles.stages)
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, causal, softmax_scale, dropout_p, seed):
+def _backward(do, q, k, v, out, lse, causal, softmax_scale, dropout_p, seed, tiles: Tiles):
     B, H, T, D = q.shape
-    block_d = max(16, triton.next_power_of_2(D))
-    _, (held, streamed, warps, stages) = _tile_config(block_d, q.dtype, dropout_p > 0)
+    block_d = _block_d(D)
+    held, streamed = tiles.held, tiles.streamed
     delta = torch.empty_like(lse)
     _bwd_delta_kernel[(triton.cdiv(T, held), H, B)](
         out, do, delta, *out.stride(), *do.stride(), H, T, D, BLOCK_M=held, BLOCK_D=block_d)
@@ -376,7 +431,7 @@ def _backward(do, q, k, v, out, lse, causal, softmax_scale, dropout_p, seed):
     args = (H, T, D, softmax_scale, softmax_scale * math.log2(math.e), seed, dropout_p, 1.0 / (1.0 - dropout_p))
     meta = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_D=block_d,
                 UPCAST=interpreter_enabled() and q.dtype != torch.float32, PRECISION=_dot_precision(q.dtype),
-                num_warps=warps, num_stages=stages)
+                num_warps=tiles.warps, num_stages=tiles.stages)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride())
     _bwd_dkdv_kernel[(triton.cdiv(T, held), H, B)](
         q, k, v, do, dk, dv, lse, delta, *strides, *args, BLOCK_M=streamed, BLOCK_N=held, **meta)
@@ -387,8 +442,9 @@ def _backward(do, q, k, v, out, lse, causal, softmax_scale, dropout_p, seed):
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, dropout_p, softmax_scale, seed):
-        out, lse = _forward(q, k, v, causal, softmax_scale, dropout_p, seed)
+    def forward(ctx, q, k, v, causal, dropout_p, softmax_scale, seed, tiles):
+        forward_tiles, ctx.backward_tiles = tiles
+        out, lse = _forward(q, k, v, causal, softmax_scale, dropout_p, seed, forward_tiles)
         ctx.save_for_backward(q, k, v, out, lse, seed)
         ctx.causal, ctx.dropout_p, ctx.softmax_scale = causal, dropout_p, softmax_scale
         return out
@@ -396,8 +452,9 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse, seed = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _backward(do, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed,
+                               ctx.backward_tiles)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _seed_tensor(seed, device):
@@ -431,7 +488,8 @@ def _check_inputs(q, k, v, dropout_p):
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1); use 0.0 to disable dropout")
 
 
-def flash_attention(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, *, seed=None):
+def flash_attention(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, *, seed=None,
+                    tiles: tuple[Tiles, Tiles] | None = None):
     """softmax(q k^T * softmax_scale) v with FlashAttention-2 kernels, like F.scaled_dot_product_attention.
 
     q, k, v: (B, H, T, D), any strides, fp16/bf16/fp32, 16 <= D <= 128. causal: query i attends to keys
@@ -440,6 +498,8 @@ def flash_attention(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, *, 
     generator that torch.manual_seed seeds: no host sync, and nothing for torch.compile to break its
     graph on, as the kernels read the seed from device memory. Returns (B, H, T, D),
     stored as (B, T, H, D) so that `out.transpose(1, 2).reshape(B, T, H * D)` does not copy.
+    tiles: (forward, backward) Tiles to launch with instead of this device's choice (tests run the GPU's
+    tilings in the interpreter with it).
     """
     _check_inputs(q, k, v, dropout_p)
     if softmax_scale is None:
@@ -450,7 +510,9 @@ def flash_attention(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, *, 
         seed_tensor = torch.randint(0, 2**31 - 1, (1,), device=q.device)
     else:
         seed_tensor = _seed_tensor(seed, q.device)
-    return _FlashAttention.apply(q, k, v, bool(causal), float(dropout_p), float(softmax_scale), seed_tensor)
+    if tiles is None:
+        tiles = _choose_tiles(_block_d(q.shape[-1]), q.dtype, dropout_p > 0)
+    return _FlashAttention.apply(q, k, v, bool(causal), float(dropout_p), float(softmax_scale), seed_tensor, tiles)
 
 
 def flash_attention_supported(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:

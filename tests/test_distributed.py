@@ -1,7 +1,8 @@
-"""train.py across processes on CPU, with gloo: FSDP against one process, sharded checkpoints (read directly by
-one process and by sample.py, consolidated into ckpt.pt, resumed with another number of processes), SIGTERM
-stopping every rank at the same step, elastic restarts after a worker dies, and two "nodes" meeting through
-a c10d rendezvous. Faults come from outside train.py: a sitecustomize module in the workers."""
+"""train.py across processes on CPU, with gloo: DDP and FSDP against one process (with two micro-steps per
+rank), sharded checkpoints (read directly by one process and by sample.py, consolidated into ckpt.pt),
+resumes with another number of processes, SIGTERM stopping every rank at the same step, elastic restarts
+after a worker dies, and two "nodes" meeting through a c10d rendezvous. Faults come from outside train.py:
+a sitecustomize module in the workers."""
 import os
 import re
 import shutil
@@ -19,8 +20,9 @@ from test_train import TINY, fault_env, metrics, run_train
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-# two micro-batches per iteration: one per process with two; a clip low enough to act at every step
-COMMON = ["--eval_interval=3", "--gradient_accumulation_steps=2", "--grad_clip=0.5"]
+# four micro-batches per iteration, so two per process with two: the accumulation path (no gradient sync on
+# the first micro-step, each rank's own micro-batches) runs in every layout; a clip that acts at every step
+COMMON = ["--eval_interval=3", "--gradient_accumulation_steps=4", "--grad_clip=0.5"]
 
 
 def standalone(nproc: int, *options: str) -> list[str]:
@@ -52,6 +54,44 @@ def reference(workdir):
     shutil.copy(out / "ckpt.pt", out / "ckpt6.pt")
     run_train(workdir, *COMMON, f"--out_dir={out.name}", "--max_iters=9", "--init_from=resume")
     return out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(workdir):
+    """Two DDP processes, 6 iterations."""
+    run_train(workdir, *COMMON, "--out_dir=ddp", "--max_iters=6", launcher=standalone(2), env=ENV)
+    return workdir / "ddp"
+
+
+def assert_same_weights(path, expected_path, atol=1e-5):
+    expected = load_file(expected_path)["model"]
+    actual = load_file(path)["model"]
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_ddp_matches_one_process(ddp_run, reference):
+    ref = val_losses(reference)
+    assert val_losses(ddp_run) == pytest.approx({i: ref[i] for i in (0, 3, 6)}, abs=1e-5)
+    assert_same_weights(ddp_run / "ckpt.pt", reference / "ckpt6.pt")
+
+
+def test_ddp_resumes_with_another_number_of_processes(workdir, ddp_run, reference):
+    """Saved by 2 processes, resumed by 1; saved by 1, resumed by 2: both end where one process does."""
+    ref = val_losses(reference)
+    two_to_one = workdir / "ddp_2to1"
+    two_to_one.mkdir()
+    shutil.copy(ddp_run / "ckpt.pt", two_to_one / "ckpt.pt")
+    run_train(workdir, *COMMON, f"--out_dir={two_to_one.name}", "--max_iters=9", "--init_from=resume")
+    one_to_two = workdir / "ddp_1to2"
+    one_to_two.mkdir()
+    shutil.copy(reference / "ckpt6.pt", one_to_two / "ckpt.pt")
+    run_train(workdir, *COMMON, f"--out_dir={one_to_two.name}", "--max_iters=9", "--init_from=resume",
+              launcher=standalone(2), env=ENV)
+    for out in (two_to_one, one_to_two):
+        assert val_losses(out) == pytest.approx({6: ref[6], 9: ref[9]}, abs=1e-5)
+        assert_same_weights(out / "ckpt.pt", reference / "ckpt.pt")
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +192,7 @@ def test_sigterm_stops_every_rank_at_the_same_step_and_resume_continues(workdir,
     run_train(workdir, *COMMON, f"--out_dir={out.name}", "--max_iters=6", "--init_from=resume",
               launcher=standalone(2), env=ENV)
     assert val_losses(out)[6] == pytest.approx(val_losses(reference)[6], abs=1e-5)
-    one = load_file(reference / "ckpt6.pt")["model"]
-    for name, tensor in load_file(out / "ckpt.pt")["model"].items():
-        torch.testing.assert_close(tensor, one[name], atol=1e-5, rtol=0)
+    assert_same_weights(out / "ckpt.pt", reference / "ckpt6.pt")
 
 
 def test_two_nodes_meet_through_c10d_rendezvous(workdir, reference, tmp_path):
@@ -184,4 +222,8 @@ def test_parallel_mistakes_are_clear_errors(workdir):
     assert unknown.returncode != 0 and "'ddp' or 'fsdp'" in unknown.stderr
     nothing = run_train(workdir, "--out_dir=empty", "--consolidate=True", check=False)
     assert nothing.returncode != 0 and "ckpt_dcp" in nothing.stderr and "not found" in nothing.stderr
+    indivisible = run_train(workdir, "--max_iters=1", "--gradient_accumulation_steps=3", "--out_dir=bad",
+                            launcher=standalone(2), env=ENV, check=False)
+    assert indivisible.returncode != 0 and "not divisible by the 2 processes" in indivisible.stderr
     assert "Traceback" not in no_torchrun.stderr + unknown.stderr + nothing.stderr
+    assert 'train.py", line' not in indivisible.stderr  # torchrun prints its own traceback, but none from ours

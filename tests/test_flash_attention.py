@@ -1,9 +1,15 @@
 """Tests for kernels/flash_attention.py: forward and gradients against a float64 PyTorch reference.
 
-Without a GPU the kernels run in Triton's interpreter with 32-row held tiles and 16-row streamed tiles,
-so T = 15, 16, 17, 31, 33 sit on either side of the tile edges; the cases are picked by hand to cover
-the edges without a slow cartesian product. Tests marked `gpu` use the real tile sizes and long
-sequences and are skipped on machines without CUDA.
+Without a GPU the kernels run in Triton's interpreter, by default with 32-row held tiles and 16-row streamed
+tiles, so T = 15, 16, 17, 31, 33 sit on either side of the tile edges; the cases are picked by hand to cover
+the edges without a slow cartesian product. Every tiling a GPU launches (gpu_tile_choices) also runs here,
+passed in through flash_attention's `tiles`, on lengths spanning several of its tiles with a ragged last one.
+
+Low precision: the interpreter's dots take fp32 operands, so the kernels round P, dS and the outputs to
+bf16/fp16 themselves (to nearest, as a GPU does) and the errors measured are the GPU path's. What stays
+unverifiable without a GPU: TF32's rounding of fp32 dots (the interpreter multiplies in full fp32), the
+summation order inside tensor-core instructions, the hardware exp2's last-bit error, and warps and stages
+(scheduling only). Tests marked `gpu` cover those, with long sequences, and are skipped without CUDA.
 """
 import math
 
@@ -13,11 +19,14 @@ import triton
 import triton.language as tl
 from conftest import KERNEL_DEVICE
 
+import importlib
+
 from kernels import common
 from kernels.flash_attention import (_dropout_keep, attention_reference, dropout_mask, flash_attention,
                                      flash_attention_supported)
 
 DEVICE = KERNEL_DEVICE
+flash_module = importlib.import_module("kernels.flash_attention")  # the package exports a function of that name
 
 
 def randn(*shape, dtype=torch.float32, seed=0):
@@ -92,6 +101,59 @@ def test_low_precision_within_twice_pytorch_error(dtype, B, H, T, D, causal):
     assert all(x.dtype == dtype for x in actual)
     torch_low = forward_backward(attention_reference, q, k, v, do, causal=causal)
     assert_flash_rule(actual, torch_low, reference64(q, k, v, do, causal=causal))
+
+
+# -----------------------------------------------------------------------------
+# Every tiling a GPU launches, run numerically in the interpreter (the default tiles there are small ones)
+
+def _numeric_tilings():
+    """The GPU's (forward, backward) tile pairs that differ in their numbers (warps and stages change nothing
+    in the interpreter), each with the dtype and dropout setting that picks it on some GPU."""
+    tilings = {}
+    for (fwd, bwd), (_, dtype, dropout) in flash_module.gpu_tile_choices().items():
+        tilings.setdefault((fwd.held, fwd.streamed, bwd.held, bwd.streamed), ((fwd, bwd), dtype, dropout))
+    return [pytest.param(*value, id=f"fwd{k[0]}x{k[1]}-bwd{k[2]}x{k[3]}") for k, value in sorted(tilings.items())]
+
+
+GPU_TILINGS = _numeric_tilings()
+
+
+def tiling_lengths(tiles):
+    """A length under one held tile, and one spanning two and a half of the largest tile: several tiles, the
+    causal diagonal crossing them, and a ragged last tile in every kernel."""
+    largest = max(tiles[0].held, tiles[1].held)
+    return (largest // 2 + 3, 2 * largest + largest // 2 + 3)
+
+
+def test_gpu_tilings_are_all_checked():
+    """The forward's 128-row tiles (fp16/bf16, with and without dropout) and the fp32 ones are all here."""
+    forward_tiles = {(tiles[0].held, tiles[0].streamed) for tiles, _, _ in (p.values for p in GPU_TILINGS)}
+    assert {(128, 64), (128, 32), (64, 32), (32, 16)} <= forward_tiles
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("tiles,dtype,dropout", GPU_TILINGS)
+def test_gpu_tiling_fp32_matches_reference(tiles, dtype, dropout, causal):
+    for T in tiling_lengths(tiles):
+        q, k, v, do = (randn(1, 2, T, 40, seed=s) for s in range(4))
+        actual = forward_backward(flash_attention, q, k, v, do, causal=causal, tiles=tiles)
+        assert_matches(actual, reference64(q, k, v, do, causal=causal))
+    if dropout and causal:  # the tiles dropout picks (Philox is slow in the interpreter: one head, one length)
+        p, seed = 0.2, 77
+        q, k, v, do = (randn(1, 1, T, 40, seed=s) for s in range(4))
+        actual = forward_backward(flash_attention, q, k, v, do, causal=causal, dropout_p=p, seed=seed, tiles=tiles)
+        mask = dropout_mask(seed, 1, 1, T, p, DEVICE)
+        assert_matches(actual, reference64(q, k, v, do, causal=causal, dropout_mask=mask, dropout_p=p))
+
+
+@pytest.mark.parametrize("tiles,dtype,dropout", [p for p in GPU_TILINGS if p.values[1] != torch.float32])
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_gpu_tiling_low_precision_within_twice_pytorch_error(tiles, dtype, dropout, low):
+    T = tiling_lengths(tiles)[1]
+    q, k, v, do = (randn(1, 2, T, 64, dtype=low, seed=s) for s in range(4))
+    actual = forward_backward(flash_attention, q, k, v, do, causal=True, tiles=tiles)
+    torch_low = forward_backward(attention_reference, q, k, v, do, causal=True)
+    assert_flash_rule(actual, torch_low, reference64(q, k, v, do, causal=True))
 
 
 def test_custom_softmax_scale():
