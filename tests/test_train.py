@@ -255,3 +255,36 @@ def test_bad_recipe_values_are_clear_errors(workdir):
                           ("--optimizer=lion", "optimizer must be one of ('adamw', 'muon')")):
         result = run_train(workdir, flag, "--max_iters=1", "--out_dir=bad_recipe", check=False)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_trains_and_resumes_exactly(workdir, dtype):
+    """CPU autocast in train.py: stop at 4, resume to 8, the very weights of an uninterrupted run. float16 runs
+    with a GradScaler, whose state (scale, steps since the last overflow) is saved and restored."""
+    common = [f"--dtype={dtype}", "--dropout=0.1", "--eval_interval=4"]
+    full, split = workdir / f"amp_{dtype}_full", workdir / f"amp_{dtype}_split"
+    first = run_train(workdir, *common, f"--out_dir={full.name}", "--max_iters=8")
+    assert f"dtype {dtype}" in first.stdout
+    run_train(workdir, *common, f"--out_dir={split.name}", "--max_iters=4")
+    run_train(workdir, *common, f"--out_dir={split.name}", "--max_iters=8", "--init_from=resume")
+    vals = val_losses(full)
+    assert vals[8] < vals[0] - 0.3  # it trains
+    assert val_losses(split) == vals  # the evals at 0, 4 and 8, to the last bit
+    expected, actual = load_file(full / "ckpt.pt"), load_file(split / "ckpt.pt")
+    for name, tensor in expected["model"].items():
+        assert torch.equal(actual["model"][name], tensor), name
+    if dtype == "float16":
+        assert expected["scaler"]["_growth_tracker"] == 8  # eight steps without an overflow: it was counting
+        assert actual["scaler"] == expected["scaler"]
+    else:
+        assert actual["scaler"] == expected["scaler"] == {}  # bfloat16 needs no loss scaling
+
+
+@pytest.mark.slow
+def test_compile_on_cpu_trains(workdir):
+    """torch.compile with the CPU backend: a few steps, a loss that falls, a checkpoint without compile's prefix."""
+    out = workdir / "compiled"
+    run_train(workdir, "--compile=True", f"--out_dir={out.name}", "--max_iters=6", "--eval_interval=6")
+    vals = val_losses(out)
+    assert math.isfinite(vals[6]) and vals[6] < vals[0]
+    assert not any(name.startswith("_orig_mod.") for name in load_file(out / "ckpt.pt")["model"])
