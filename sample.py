@@ -19,7 +19,8 @@ import checkpoint as ckpt
 from configurator import autocast, configure, resolve_compile, resolve_device, resolve_dtype
 from data import load_meta
 from fileio import DownloadError
-from model import GPT, check_sampling
+from generate import check_sampling
+from model import GPT
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (the checkpoint in out_dir), a GPT-2 name ('gpt2', ..., 'gpt2-xl') or an HF model dir

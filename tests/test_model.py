@@ -183,11 +183,11 @@ def test_checkpoint_keeps_gpt2_tanh_gelu():
 def test_kv_cache_refill_conditions_on_the_kept_window(monkeypatch):
     """With refill=N, once the window is full the cache restarts from the last N tokens and grows again:
     each step's logits are a no-cache forward over exactly that window."""
-    import model as model_module
+    import generate
 
     seen_logits = []
-    real_sampler = model_module.sample_next_token
-    monkeypatch.setattr(model_module, "sample_next_token", lambda logits, *a: seen_logits.append(logits) or real_sampler(logits, *a))
+    real_sampler = generate.sample_next_token
+    monkeypatch.setattr(generate, "sample_next_token", lambda logits, *a: seen_logits.append(logits) or real_sampler(logits, *a))
     model = tiny_model().eval()
     prompt = torch.randint(0, TINY.vocab_size, (2, 30))
     out = model.generate(prompt, 20, temperature=0, refill=8)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import checkpoint as ckpt
 import optim
 from conftest import KERNEL_DEVICE
-from model import GPT, SWITCHES, GPTConfig, KVCache, rotary, rotary_tables
+from generate import KVCache
+from model import GPT, SWITCHES, GPTConfig, rotary, rotary_tables
 
 TINY = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False)
 MODERN = dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False,

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, check_sampling, filter_logits, sample_next_token
+from generate import KVCache, check_sampling, filter_logits, sample_next_token
+from model import GPT, GPTConfig
 
 
 def reference_kept(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> set[int]:
