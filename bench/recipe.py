@@ -8,7 +8,7 @@ after the other in this invocation, so all see the same machine; the clock stops
 
 Recipes are train.py configs: `gpt2` is config/shakespeare_cpu_gpt2.py (the quickstart's model, data and
 steps with GPT-2's recipe and AdamW); `modern` is config/shakespeare_cpu.py, the quickstart itself (every
-switch on, Muon). An ablation adds GPT-2 plus one switch (learning rates as GPT-2's, Muon's its own).
+switch on but the untied head, which does not pay at this size; Muon). An ablation adds GPT-2 plus one switch (learning rates as GPT-2's, Muon's its own).
 Each recipe gets the same wall-clock budget: its schedule (warmup, then cosine decay to min_lr) is fitted
 to the number of steps the budget holds at the pace of its first steps, so a slower step means fewer steps.
 Needs data/shakespeare_char (python prepare/shakespeare_char.py).
