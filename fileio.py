@@ -3,13 +3,16 @@
 A leaf module (it imports nothing of the project), so that the model's Hugging Face I/O, the data
 loader and the prepare scripts share one way to write a file and one way to fetch one.
 """
+import email.utils
 import hashlib
 import os
+import re
 import secrets
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,7 +25,85 @@ class DownloadError(RuntimeError):
 
 
 class _Retryable(Exception):
-    """A download attempt failed in a way that trying again may fix."""
+    """A request failed in a way that trying again may fix; retry_after is how long the server asked us to
+    wait (seconds), when it said."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# How long all the waits of one request may add up to: the hub's rate limits reset within 5 minutes.
+MAX_TOTAL_WAIT = 600.0
+
+
+def retry_after(response: requests.Response) -> float | None:
+    """Seconds the server asks a client to wait: Retry-After (seconds or an HTTP date), else the reset of the
+    IETF RateLimit header the Hugging Face hub sends ('"api";r=0;t=42'), else None."""
+    value = response.headers.get("Retry-After", "").strip()
+    if value:
+        if value.isdigit():
+            return float(value)
+        try:
+            return max(0.0, (email.utils.parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
+        except (TypeError, ValueError):
+            pass
+    match = re.search(r"\bt=(\d+)", response.headers.get("RateLimit", ""))
+    return float(match.group(1)) if match else None
+
+
+def check_status(response: requests.Response) -> None:
+    """_Retryable for the answers worth waiting out (408, 429, 5xx), with the wait the server asked for."""
+    if response.status_code in (408, 429) or response.status_code >= 500:
+        raise _Retryable(f"HTTP {response.status_code} {response.reason}", retry_after(response))
+
+
+class Retrier:
+    """One retry policy for every request of a download or hub call: wait as long as the server asks
+    (Retry-After) or back off exponentially, say what is being waited for, give up after `retries` failures
+    in a row without progress or MAX_TOTAL_WAIT seconds of waiting in all."""
+
+    def __init__(self, url: str, retries: int = 5, backoff: float = 1.0, action: str = "get"):
+        self.url, self.retries, self.backoff, self.action = url, retries, backoff, action
+        self.failures = 0
+        self.waited = 0.0
+
+    def wait(self, error: Exception, progress: bool = False) -> None:
+        """After a failed attempt: sleep before the next one, or raise DownloadError when it is time to stop."""
+        self.failures = 0 if progress else self.failures + 1
+        asked = getattr(error, "retry_after", None)
+        if asked is not None:
+            wait, why = asked, "as the server asks (Retry-After)"
+        else:
+            wait, why = (min(self.backoff * 2 ** (self.failures - 1), 60.0) if self.failures else 0.0), "then retrying"
+        too_long = self.waited + wait > MAX_TOTAL_WAIT
+        if self.failures >= self.retries or too_long:
+            why = (f"waiting {wait:.0f}s more would pass the {MAX_TOTAL_WAIT:.0f}s this waits in all" if too_long
+                   else f"{self.failures} failed attempts in a row")
+            raise DownloadError(f"Could not {self.action} {self.url} ({why}; last error: {error}).\nCheck your "
+                                "internet connection (or rate limit) and run this again (downloads resume)")
+        print(f"{self.url}: {error}; waiting {wait:.0f}s {why}", file=sys.stderr)
+        time.sleep(wait)
+        self.waited += wait
+
+
+def get(url: str, headers: dict | None = None, timeout: float = 30.0, retries: int = 5, backoff: float = 1.0,
+        hint: str = "") -> requests.Response:
+    """A GET answered 200 (a listing, metadata), through the retry policy; other answers are DownloadErrors."""
+    retrier = Retrier(url, retries, backoff)
+    while True:
+        try:
+            response = requests.get(url, headers=headers, timeout=timeout)
+            check_status(response)
+            break
+        except (requests.ConnectionError, requests.Timeout, _Retryable) as e:
+            try:
+                retrier.wait(e)
+            except DownloadError as error:
+                raise DownloadError(f"{error}{hint}") from e
+    if response.status_code != 200:
+        raise DownloadError(f"{url} answered HTTP {response.status_code} {response.reason}{hint}")
+    return response
 
 
 @contextmanager
@@ -90,8 +171,7 @@ def _attempt(session: requests.Session, url: str, part: Path, timeout: float, ch
             # The server has nothing past `offset`: the partial file is complete, or longer than the
             # remote file (changed upstream). Verification tells which; a wrong file is deleted there.
             return
-        if r.status_code in (408, 429) or r.status_code >= 500:
-            raise _Retryable(f"HTTP {r.status_code} {r.reason}")
+        check_status(r)
         if r.status_code not in (200, 206):
             raise DownloadError(f"{url} answered HTTP {r.status_code} {r.reason}")
         if r.status_code == 206 and _content_range_start(r) != offset:
@@ -115,14 +195,16 @@ def _attempt(session: requests.Session, url: str, part: Path, timeout: float, ch
 
 def download(url: str, dest: str | Path, sha256: str | None = None, size: int | None = None, *,
              timeout: float = 30.0, retries: int = 5, backoff: float = 1.0, chunk_size: int = 1 << 20,
-             hint: str = "") -> Path:
+             hint: str = "", headers: dict | None = None) -> Path:
     """Download `url` to `dest`, verified, unless dest is already there (then it is only verified).
 
     Bytes stream into dest + ".part", which a later attempt or run continues with an HTTP Range
-    request. Failed attempts are retried with exponential backoff; an attempt that got some bytes
+    request (or verifies without a request when it already has `size` bytes). Failed attempts go through
+    the Retrier: the wait a server asks for, else exponential backoff; an attempt that got some bytes
     resets the count, so a slow flaky connection still finishes. dest appears only after the size
     and sha256 (when given) match, so its existence means it is good. `hint` ends every error message
-    with the caller's other ways to get the file (", or set X to a mirror").
+    with the caller's other ways to get the file (", or set X to a mirror"). `headers` go with the
+    request (an Authorization header is dropped by requests when a redirect leaves the host).
     """
     dest = Path(dest)
     if check_existing(dest, sha256, size):
@@ -134,9 +216,9 @@ def download(url: str, dest: str | Path, sha256: str | None = None, size: int | 
     by_hand = f"download {url} by hand to {dest}"
     session = requests.Session()
     # Compressed transfer would make byte offsets for Range differ from offsets in the file.
-    session.headers.update({"User-Agent": "tritongpt-prepare", "Accept-Encoding": "identity"})
-    failures = 0
-    while True:
+    session.headers.update({"User-Agent": "tritongpt-prepare", "Accept-Encoding": "identity", **(headers or {})})
+    retrier = Retrier(url, retries, backoff, action="download")
+    while not (size is not None and part.exists() and part.stat().st_size == size):
         before = part.stat().st_size if part.exists() else 0
         try:
             _attempt(session, url, part, timeout, chunk_size, dest.name)
@@ -144,16 +226,10 @@ def download(url: str, dest: str | Path, sha256: str | None = None, size: int | 
         except DownloadError as e:
             raise DownloadError(f"{e}; check the URL, or {by_hand}{hint}") from e
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Retryable) as e:
-            got_bytes = part.exists() and part.stat().st_size > before
-            failures = 0 if got_bytes else failures + 1
-            if failures >= retries:
-                raise DownloadError(
-                    f"Could not download {url} ({failures} attempts; last error: {e}).\n"
-                    f"Check your internet connection and run this again (it resumes), or {by_hand}{hint}"
-                ) from e
-            wait = min(backoff * 2 ** (failures - 1), 60.0) if failures else 0.0
-            print(f"download of {url} failed ({e}); retrying in {wait:.0f}s", file=sys.stderr)
-            time.sleep(wait)
+            try:
+                retrier.wait(e, progress=part.exists() and part.stat().st_size > before)
+            except DownloadError as error:
+                raise DownloadError(f"{error}, or {by_hand}{hint}") from e
     if not part.exists():
         raise DownloadError(f"{url} sent nothing; {by_hand}{hint}")
     problem = file_problem(part, sha256, size)

@@ -22,12 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from checkpoint import load_file
-from fileio import atomic_open, download
+import hub
+from fileio import DownloadError, atomic_open, download
 from model import GPT, GPTConfig, LayerNorm, gelu_approximate, set_gelu_approximate
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M and 1558M parameters
-HF_ENDPOINT = "https://huggingface.co"
-HF_ENDPOINT_ENV = "TRITONGPT_HF_ENDPOINT"  # a mirror of the hub (or, in the tests, a local server)
 CACHE_ENV = "TRITONGPT_CACHE"  # downloads go to $TRITONGPT_CACHE/<name>, by default ~/.cache/tritongpt/<name>
 HF_CONFIG = "config.json"
 HF_SAFETENSORS = "model.safetensors"
@@ -53,15 +52,27 @@ GPT2_EOT = 50256  # <|endoftext|>, GPT-2's bos and eos token
 
 
 def gpt2_download(name: str) -> Path:
-    """The cache directory of a GPT-2 size, after downloading its config and weights there if needed."""
-    endpoint = os.environ.get(HF_ENDPOINT_ENV, HF_ENDPOINT).rstrip("/")
+    """The cache directory of a GPT-2 size, after downloading its config and weights there if needed: from
+    the hub's current commit of openai-community/<name>, each file checked against the size (and, for the
+    weights, the sha256) the hub lists for it."""
     directory = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tritongpt") / name
+    files = (HF_CONFIG, HF_SAFETENSORS)
+    if all((directory / file).is_file() for file in files):
+        return directory  # a file appears there only once verified
+    base, repo = hub.endpoint(), f"openai-community/{name}"
     hint = (
-        f", or set {HF_ENDPOINT_ENV} to a mirror of {HF_ENDPOINT}, or pass a directory holding "
-        f"{HF_CONFIG} and {HF_SAFETENSORS} instead of {name!r}"
+        f", or set HF_ENDPOINT (or {hub.ENDPOINT_ENV}) to a mirror of {hub.DEFAULT_ENDPOINT}, or pass a directory "
+        f"holding {HF_CONFIG} and {HF_SAFETENSORS} instead of {name!r}"
     )
-    for file in (HF_CONFIG, HF_SAFETENSORS):
-        download(f"{endpoint}/openai-community/{name}/resolve/main/{file}", directory / file, hint=hint)
+    commit = hub.resolve_revision(base, "model", repo, hint=hint)
+    print(f"downloading {repo} at commit {commit} from {base}")
+    listed = {remote.path: remote for remote in hub.list_files(base, "model", repo, commit, hint=hint)}
+    for file in files:
+        if file not in listed:
+            raise DownloadError(f"{repo} at commit {commit} has no {file}{hint}")
+        remote = listed[file]
+        download(hub.file_url(base, "model", repo, commit, file), directory / file, remote.sha256, remote.size,
+                 hint=hint, headers=hub.auth_headers())
     return directory
 
 

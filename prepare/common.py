@@ -3,6 +3,7 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,6 +79,12 @@ def fetch_tinyshakespeare(data_dir: Path) -> str:
         return f.read()
 
 
+def tiktoken_cache_dir() -> str:
+    """Where tiktoken keeps its downloaded vocabulary files (its own rule, from tiktoken/load.py)."""
+    return (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+            or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+
+
 def gpt2_encoding():
     """tiktoken's GPT-2 BPE. tiktoken downloads its vocabulary files once and caches them."""
     try:
@@ -87,6 +94,12 @@ def gpt2_encoding():
             f"Could not load the GPT-2 tokenizer ({type(e).__name__}: {e}). tiktoken downloads its vocabulary "
             "files from openaipublic.blob.core.windows.net on first use: check your internet connection, or "
             "set TIKTOKEN_CACHE_DIR to a directory holding tiktoken's cached GPT-2 files"
+        ) from e
+    except ValueError as e:  # tiktoken's check of the files' sha256 failed: a corrupted or intercepted download
+        raise PrepareError(
+            f"The GPT-2 tokenizer files tiktoken got are corrupt ({e}). Delete tiktoken's cache directory "
+            f"{tiktoken_cache_dir()} and run this again (behind a proxy that rewrites downloads, fetch the files "
+            "elsewhere and set TIKTOKEN_CACHE_DIR to a directory holding them)"
         ) from e
 
 

@@ -19,7 +19,11 @@ Then train with `python train.py --dataset=fineweb_edu` (or fineweb).
   a small subset for a quick run. The last shard is shorter when the stream ends inside it.
 - Re-running keeps the shards already written and continues after them; an interrupted run loses at
   most the shard it was filling.
-- --hub_url (default: $HF_ENDPOINT, else https://huggingface.co) points at a hub mirror.
+- The dataset's main branch is resolved to a commit once, recorded in DIR/hub_revision.json, and used for
+  the listing and every file; a later run that extends the shards keeps that commit (and says so when
+  upstream has moved on). $HF_TOKEN is sent to the hub; 429 and 5xx answers are waited out (Retry-After).
+- --hub_url (default: $TRITONGPT_HF_ENDPOINT, else $HF_ENDPOINT, else https://huggingface.co) points at a
+  hub mirror.
 
 modded-nanogpt's pre-tokenized FineWeb shards (the fineweb10B files its data/cached_fineweb10B.py fetches)
 are in this same format and need no preparing: put fineweb_val_*.bin and fineweb_train_*.bin in
@@ -27,6 +31,7 @@ data/<name>/ and train with --dataset=<name>.
 """
 import argparse
 import itertools
+import json
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -38,13 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import requests
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
-from fileio import download  # noqa: E402
+import hub  # noqa: E402
+from fileio import atomic_open, download  # noqa: E402
 from prepare import common  # noqa: E402
 
 try:
@@ -54,49 +59,50 @@ except ImportError:
 
 DATASETS = {"fineweb_edu": "HuggingFaceFW/fineweb-edu", "fineweb": "HuggingFaceFW/fineweb"}
 FOLDER = "sample/10BT"
+REVISION_FILE = "hub_revision.json"  # the dataset commit the shards are made from
 SHARD_NAME = re.compile(r"fineweb_(val|train)_(\d{6})\.bin")
-
-
-@dataclass
-class RemoteFile:
-    path: str  # inside the dataset repository
-    size: int
-    sha256: str | None
 
 
 def shard_name(index: int) -> str:
     return f"fineweb_{'val' if index == 0 else 'train'}_{index:06d}.bin"
 
 
-def list_parquet_files(hub_url: str, repo: str) -> list[RemoteFile]:
-    """The parquet files in the repo's FOLDER, from the hub's tree API (which pages with Link headers)."""
-    url = f"{hub_url}/api/datasets/{repo}/tree/main/{FOLDER}"
-    entries = []
-    while url:
-        try:
-            r = requests.get(url, timeout=30)
-        except requests.RequestException as e:
-            raise common.PrepareError(
-                f"Could not list the files of {repo} at {url} ({e}). Check your internet connection and run this "
-                "again, or point --hub_url (or $HF_ENDPOINT) at a reachable Hugging Face mirror"
-            ) from e
-        if r.status_code != 200:
-            raise common.PrepareError(f"{url} answered HTTP {r.status_code} {r.reason}; check --hub_url and --dataset")
-        entries += r.json()
-        url = r.links.get("next", {}).get("url")
-    files = [
-        RemoteFile(e["path"], e["size"], (e.get("lfs") or {}).get("oid"))
-        for e in entries if e.get("type") == "file" and e["path"].endswith(".parquet")
-    ]
+def pinned_commit(base: str, repo: str, data_dir: Path) -> str:
+    """The commit of `repo` this data folder is made from: the one recorded there by the run that started
+    it, else main's now (recorded). A run that extends the shards thus reads the same version of the data;
+    it says so when upstream has moved on since."""
+    record = data_dir / REVISION_FILE
+    hint = ", or point --hub_url (or $HF_ENDPOINT) at a reachable Hugging Face mirror"
+    latest = hub.resolve_revision(base, "dataset", repo, hint=hint)
+    if record.is_file():
+        recorded = json.loads(record.read_text())
+        if recorded.get("repo") != repo:
+            raise common.PrepareError(f"{data_dir} was made from {recorded.get('repo')}, not {repo}; use another "
+                                      "--data_dir, or delete that one")
+        commit = recorded["commit"]
+        if commit != latest:
+            print(f"{repo} has changed upstream (main is now {latest}); continuing with commit {commit}, which "
+                  f"the shards in {data_dir} come from (delete {record} and the shards to start afresh)")
+        return commit
+    with atomic_open(record) as f:
+        f.write(json.dumps({"repo": repo, "commit": latest}).encode())
+    return latest
+
+
+def list_parquet_files(base: str, repo: str, commit: str) -> list[hub.RemoteFile]:
+    """The parquet files in the repo's FOLDER at `commit`."""
+    hint = ", or point --hub_url (or $HF_ENDPOINT) at a reachable Hugging Face mirror"
+    files = [f for f in hub.list_files(base, "dataset", repo, commit, FOLDER, hint=hint) if f.path.endswith(".parquet")]
     if not files:
-        raise common.PrepareError(f"{repo} lists no parquet files in {FOLDER} at {hub_url}")
+        raise common.PrepareError(f"{repo} lists no parquet files in {FOLDER} at commit {commit} on {base}")
     return sorted(files, key=lambda f: f.path)
 
 
-def fetch_parquet(hub_url: str, repo: str, remote: RemoteFile, cache_dir: Path) -> Path:
+def fetch_parquet(base: str, repo: str, commit: str, remote: hub.RemoteFile, cache_dir: Path) -> Path:
     return download(
-        f"{hub_url}/datasets/{repo}/resolve/main/{remote.path}", cache_dir / Path(remote.path).name,
+        hub.file_url(base, "dataset", repo, commit, remote.path), cache_dir / Path(remote.path).name,
         remote.sha256, remote.size, hint=", or point --hub_url (or $HF_ENDPOINT) at a Hugging Face mirror",
+        headers=hub.auth_headers(),
     )
 
 
@@ -266,8 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_tokens", type=int, default=None, help="stop after this many tokens (all shards)")
     parser.add_argument("--shards", type=int, default=None, help="stop after this many train shards (plus val)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes")
-    parser.add_argument("--hub_url", default=os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
-                        help="Hugging Face hub or mirror (default: $HF_ENDPOINT, else https://huggingface.co)")
+    parser.add_argument("--hub_url", default=hub.endpoint(), help="Hugging Face hub or mirror (default: "
+                        f"${hub.ENDPOINT_ENV}, else $HF_ENDPOINT, else {hub.DEFAULT_ENDPOINT})")
     args = parser.parse_args(argv)
     if pq is None:
         raise common.PrepareError("prepare/fineweb.py reads parquet files with pyarrow: pip install pyarrow")
@@ -285,11 +291,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"keeping the {len(done)} shard(s) already written, {done[0].name} to {done[-1].name}")
     num_shards = len(done)
     if limits.budget(num_shards) > 0:
-        remote_files = list_parquet_files(hub_url, repo)
-        print(f"{repo}/{FOLDER}: {len(remote_files)} parquet files, {sum(f.size for f in remote_files) / 1e9:.1f} GB")
+        commit = pinned_commit(hub_url, repo, data_dir)
+        remote_files = list_parquet_files(hub_url, repo, commit)
+        print(f"{repo}/{FOLDER} at commit {commit}: {len(remote_files)} parquet files, "
+              f"{sum(f.size for f in remote_files) / 1e9:.1f} GB")
         common.gpt2_encoding()  # fail here, with a clear message, rather than in every worker
         start_doc, written = resume_point(done)
-        paths = (fetch_parquet(hub_url, repo, f, data_dir / "parquet") for f in remote_files)
+        paths = (fetch_parquet(hub_url, repo, commit, f, data_dir / "parquet") for f in remote_files)
         with multiprocessing.Pool(args.workers, initializer=_init_worker) as pool:
             chunks = tokenized(pool, documents(paths, start_doc), group=64 * args.workers)
             num_shards = write_shards(continue_stream(chunks, written, data_dir), limits, len(done), data_dir)

@@ -1,10 +1,9 @@
 """GPT-2 weights in Hugging Face's format: import, export and download, checked against transformers.
 
 No network: the models are tiny random GPT-2s, and the hub is a local HTTP server."""
-import functools
+import hashlib
 import http.server
 import json
-import shutil
 import threading
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402  (after the importorskip)
 
+import fileio  # noqa: E402
+from fileio import DownloadError  # noqa: E402
 from hf import GPT2_NAMES  # noqa: E402
 from model import GPT, GPTConfig, gelu_approximate, set_gelu_approximate  # noqa: E402
 
@@ -178,55 +179,184 @@ def test_sharded_safetensors(tmp_path):
 # Download from the hub (a local server)
 
 
-class Hub(http.server.SimpleHTTPRequestHandler):
-    requests: list[str]  # set per server: the paths asked for
+COMMIT = "a" * 40
+MOVED = "b" * 40  # what main names once upstream has moved on
 
-    def do_GET(self):
-        self.requests.append(self.path)
-        super().do_GET()
 
-    def log_message(self, *args):
-        pass
+class Server:
+    """A local HTTP server answering GET from `routes` (path -> (status, headers, body)); `fail` queues answers
+    given before the route's (path -> [(status, headers)]); every request's path and Authorization header is
+    recorded."""
+
+    def __init__(self):
+        self.routes: dict[str, tuple[int, dict, bytes]] = {}
+        self.fail: dict[str, list[tuple[int, dict]]] = {}
+        self.seen: list[tuple[str, str | None]] = []
+        state = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                state.seen.append((self.path, self.headers.get("Authorization")))
+                status, headers, body = state.routes.get(self.path, (404, {}, b"not found"))
+                if state.fail.get(self.path):
+                    (status, headers), body = state.fail[self.path].pop(0), b""
+                self.send_response(status)
+                for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.seen]
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def serve_gpt2(hub: "Server", cdn: "Server", files: dict[str, bytes], commit: str = COMMIT, listed: dict | None = None):
+    """openai-community/gpt2 at `commit` as the hub serves it: main names the commit, the tree lists each
+    file's size (and the weights' sha256, as an LFS file), config.json comes from the hub itself and the
+    weights through a redirect to the CDN. `listed` overrides what the tree says of a file."""
+    repo = "/openai-community/gpt2"
+    hub.routes[f"/api/models{repo}/revision/main"] = (200, {}, json.dumps({"sha": commit}).encode())
+    tree = []
+    for name, body in files.items():
+        entry = {"type": "file", "path": name, "size": len(body)}
+        if name.endswith(".safetensors"):
+            entry["lfs"] = {"oid": hashlib.sha256(body).hexdigest(), "size": len(body)}
+        tree.append({**entry, **(listed or {}).get(name, {})})
+    hub.routes[f"/api/models{repo}/tree/{commit}"] = (200, {}, json.dumps(tree).encode())
+    for name, body in files.items():
+        if name.endswith(".safetensors"):
+            hub.routes[f"{repo}/resolve/{commit}/{name}"] = (302, {"Location": f"{cdn.url}/blob/{commit}/{name}"}, b"")
+            cdn.routes[f"/blob/{commit}/{name}"] = (200, {}, body)
+        else:
+            hub.routes[f"{repo}/resolve/{commit}/{name}"] = (200, {}, body)
 
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    """A local stand-in for huggingface.co serving a tiny model as openai-community/gpt2."""
-    root = tmp_path / "hub"
+    """A local stand-in for huggingface.co (and the CDN it redirects LFS files to) serving a tiny model as
+    openai-community/gpt2; yields (hub, cdn, files, the HF model, the cache directory)."""
     hf = random_hf_model()
     hf.save_pretrained(tmp_path / "tiny")
-    files = root / "openai-community" / "gpt2" / "resolve" / "main"
-    files.mkdir(parents=True)
-    for file in ("config.json", "model.safetensors"):
-        shutil.copy(tmp_path / "tiny" / file, files / file)
-    handler = type("TestHub", (Hub,), {"requests": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("TRITONGPT_HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}/")
+    files = {name: (tmp_path / "tiny" / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    hub_server, cdn = Server(), Server()
+    serve_gpt2(hub_server, cdn, files)
+    monkeypatch.delenv("TRITONGPT_HF_ENDPOINT", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
     monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "cache"))
-    yield handler.requests, hf, tmp_path / "cache"
-    server.shutdown()
-    server.server_close()
+    yield hub_server, cdn, files, hf, tmp_path / "cache"
+    hub_server.close()
+    cdn.close()
 
 
 def test_download_then_cache(hub):
-    requests, hf, cache = hub
+    hub_server, cdn, _, hf, cache = hub
     idx = tokens()
     model = GPT.from_pretrained("gpt2", dict(dropout=0.0), attn_impl="sdpa", ln_impl="torch")
-    assert sorted(requests) == [
-        "/openai-community/gpt2/resolve/main/config.json",
-        "/openai-community/gpt2/resolve/main/model.safetensors",
+    assert hub_server.paths() == [
+        "/api/models/openai-community/gpt2/revision/main",
+        f"/api/models/openai-community/gpt2/tree/{COMMIT}",
+        f"/openai-community/gpt2/resolve/{COMMIT}/config.json",
+        f"/openai-community/gpt2/resolve/{COMMIT}/model.safetensors",
     ]
+    assert cdn.paths() == [f"/blob/{COMMIT}/model.safetensors"]
     assert sorted(p.name for p in (cache / "gpt2").iterdir()) == ["config.json", "model.safetensors"]
     assert max_diff(our_logits(model, idx), hf_logits(hf, idx)) < TOL
     again = GPT.from_pretrained("gpt2", attn_impl="sdpa", ln_impl="torch")
-    assert len(requests) == 2  # the second load reads the cache only
+    assert len(hub_server.seen) == 4 and len(cdn.seen) == 1  # the second load reads the cache only
     assert max_diff(our_logits(again, idx), hf_logits(hf, idx)) < TOL
 
 
+def test_token_goes_to_the_hub_and_never_to_the_cdn(hub, monkeypatch):
+    hub_server, cdn, *_ = hub
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    GPT.from_pretrained("gpt2")
+    assert {auth for _, auth in hub_server.seen} == {"Bearer hf_secret"}
+    assert {auth for _, auth in cdn.seen} == {None}
+
+
+def test_project_endpoint_overrides_hf_endpoint(hub, monkeypatch):
+    hub_server, *_ = hub
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("TRITONGPT_HF_ENDPOINT", hub_server.url)
+    GPT.from_pretrained("gpt2")
+    assert len(hub_server.seen) == 4
+
+
+@pytest.mark.parametrize("listed,message", [
+    ({"lfs": {"oid": "0" * 64}}, "its sha256 is"),  # the hub's sha256 for the weights differs
+    ({"size": 123}, r"it has [\d,]+ bytes, expected 123"),
+])
+def test_weights_that_do_not_match_the_listing_are_refused(hub, listed, message):
+    hub_server, cdn, files, hf, cache = hub
+    serve_gpt2(hub_server, cdn, files, listed={"model.safetensors": listed})
+    with pytest.raises(DownloadError, match=f"model.safetensors is corrupt: {message}"):
+        GPT.from_pretrained("gpt2")
+    assert not (cache / "gpt2" / "model.safetensors").exists()
+    assert not (cache / "gpt2" / "model.safetensors.part").exists()  # deleted: a rerun starts afresh
+    serve_gpt2(hub_server, cdn, files)  # the hub fixed: the rerun succeeds
+    assert max_diff(our_logits(GPT.from_pretrained("gpt2"), tokens()), hf_logits(hf, tokens())) < TOL
+
+
+def test_config_size_is_checked(hub):
+    hub_server, cdn, files, *_ = hub
+    serve_gpt2(hub_server, cdn, files, listed={"config.json": {"size": 5}})
+    with pytest.raises(DownloadError, match="config.json is corrupt: it has"):
+        GPT.from_pretrained("gpt2")
+
+
+def test_rate_limits_and_server_errors_are_waited_out(hub, monkeypatch, capsys):
+    """A 429 with Retry-After on the first API call, a 503 on the listing, a 429 with the hub's RateLimit
+    header on the weights: the download waits as asked, says why, and finishes."""
+    hub_server, cdn, files, hf, _ = hub
+    waits = []
+    monkeypatch.setattr(fileio.time, "sleep", waits.append)
+    repo = "/openai-community/gpt2"
+    hub_server.fail[f"/api/models{repo}/revision/main"] = [(429, {"Retry-After": "7"})]
+    hub_server.fail[f"/api/models{repo}/tree/{COMMIT}"] = [(503, {})]
+    cdn.fail[f"/blob/{COMMIT}/model.safetensors"] = [(429, {"RateLimit": '"api";r=0;t=12'})]
+    model = GPT.from_pretrained("gpt2")
+    assert waits == [7.0, 1.0, 12.0]
+    err = capsys.readouterr().err
+    assert "HTTP 429" in err and "waiting 7s as the server asks" in err and "HTTP 503" in err
+    assert max_diff(our_logits(model, tokens()), hf_logits(hf, tokens())) < TOL
+
+
+def test_waiting_is_bounded(hub, monkeypatch):
+    hub_server, *_ = hub
+    monkeypatch.setattr(fileio.time, "sleep", lambda seconds: None)
+    hub_server.fail["/api/models/openai-community/gpt2/revision/main"] = [(429, {"Retry-After": "3600"})]
+    with pytest.raises(DownloadError, match=r"(?s)Could not get .*revision/main \(waiting 3600s more would pass "
+                                            r"the 600s.*HTTP 429.*HF_ENDPOINT"):
+        GPT.from_pretrained("gpt2")
+
+
+def test_a_moving_main_cannot_mix_versions(hub, tmp_path):
+    """main names COMMIT when the download starts; upstream then moves to another model. Every file comes
+    from COMMIT, so the weights match the config they were listed with."""
+    hub_server, cdn, files, hf, _ = hub
+    other = random_hf_model(seed=1)
+    other.save_pretrained(tmp_path / "other")
+    serve_gpt2(hub_server, cdn, {name: (tmp_path / "other" / name).read_bytes() for name in files}, commit=MOVED)
+    hub_server.routes["/api/models/openai-community/gpt2/revision/main"] = (200, {}, json.dumps({"sha": COMMIT}).encode())
+    model = GPT.from_pretrained("gpt2")
+    assert max_diff(our_logits(model, tokens()), hf_logits(hf, tokens())) < TOL
+    assert not any(MOVED in path or "/resolve/main/" in path for path in hub_server.paths() + cdn.paths())
+
+
 def test_download_missing_on_server(hub):
-    with pytest.raises(RuntimeError, match="gpt2-medium/resolve/main/config.json.*404"):
+    with pytest.raises(DownloadError, match="gpt2-medium/revision/main answered HTTP 404"):
         GPT.from_pretrained("gpt2-medium")
 
 

@@ -1,4 +1,5 @@
 """prepare/: downloads against a local HTTP server, and the dataset scripts run as real subprocesses."""
+import email.utils
 import hashlib
 import io
 import json
@@ -9,11 +10,13 @@ import socket
 import subprocess
 import sys
 import threading
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 
 import fileio
 from prepare import common
@@ -176,6 +179,45 @@ def test_download_http_error_is_not_retried(server, tmp_path):
     assert len(server.requests) == 1
 
 
+def test_a_complete_part_file_is_verified_without_a_request(server, tmp_path):
+    body = os.urandom(5000)
+    server.files["/f.bin"] = body
+    (tmp_path / "f.bin.part").write_bytes(body)  # a run killed after the last byte, before the rename
+    assert fileio.download(server.url + "/f.bin", tmp_path / "f.bin", sha(body), len(body)).read_bytes() == body
+    assert server.requests == []
+
+
+def test_retry_after_forms():
+    response = requests.Response()
+    response.headers["Retry-After"] = "17"
+    assert fileio.retry_after(response) == 17.0
+    response.headers["Retry-After"] = email.utils.format_datetime(datetime.now(timezone.utc) + timedelta(seconds=90),
+                                                                  usegmt=True)
+    assert 80 <= fileio.retry_after(response) <= 90
+    response.headers["Retry-After"] = email.utils.format_datetime(datetime(2000, 1, 1, tzinfo=timezone.utc), usegmt=True)
+    assert fileio.retry_after(response) == 0.0  # a date in the past: go ahead
+    del response.headers["Retry-After"]
+    response.headers["RateLimit"] = '"api";r=0;t=42'  # the hub's header (IETF draft), when it sends no Retry-After
+    assert fileio.retry_after(response) == 42.0
+    del response.headers["RateLimit"]
+    assert fileio.retry_after(response) is None
+
+
+def test_corrupt_tokenizer_download_names_the_cache_to_clear(tmp_path):
+    """tiktoken raises ValueError when the files it downloads fail its sha256 check (a broken download, a
+    proxy rewriting it): the scripts say which cache directory to delete, in one line."""
+    code = ("import tiktoken.load\n"
+            "tiktoken.load.read_file = lambda path: b'<html>captive portal</html>'\n"
+            "from prepare import common\n"
+            "common.gpt2_encoding()\n")
+    cache = tmp_path / "tiktoken_cache"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TIKTOKEN_CACHE_DIR": str(cache)})
+    assert result.returncode != 0
+    assert "PrepareError: The GPT-2 tokenizer files tiktoken got are corrupt" in result.stderr
+    assert f"Delete tiktoken's cache directory {cache}" in result.stderr
+
+
 def test_existing_file_is_verified_not_downloaded(tmp_path):
     (tmp_path / "f").write_bytes(b"abc")
     # The URL is unreachable, so any download attempt would fail.
@@ -190,7 +232,7 @@ def test_offline_error_says_what_to_do(tmp_path, monkeypatch, no_sleep):
     with pytest.raises(fileio.DownloadError) as e:
         common.fetch(closed_port_url(), dest, "tinyshakespeare/input.txt")
     message = str(e.value)
-    assert "Could not download" in message and "5 attempts" in message
+    assert "Could not download" in message and "5 failed attempts in a row" in message
     assert "Check your internet connection" in message
     assert f"by hand to {dest}" in message
     assert "set TRITONGPT_MIRROR to a directory or base URL that holds tinyshakespeare/input.txt" in message
@@ -295,8 +337,10 @@ def test_script_errors_are_one_clear_line(tmp_path):
 
 # --- fineweb ---
 
-FINEWEB_API = "/api/datasets/HuggingFaceFW/fineweb-edu/tree/main/sample/10BT"
-FINEWEB_FILES = "/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"
+FINEWEB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+FINEWEB_REVISION = "/api/datasets/HuggingFaceFW/fineweb-edu/revision/main"
+FINEWEB_API = f"/api/datasets/HuggingFaceFW/fineweb-edu/tree/{FINEWEB_COMMIT}/sample/10BT"
+FINEWEB_FILES = f"/datasets/HuggingFaceFW/fineweb-edu/resolve/{FINEWEB_COMMIT}/"
 WORDS = "the of and to in is was that for on with as by at from his her they be this which or".split()
 
 
@@ -324,6 +368,7 @@ def fineweb_hub(server, tmp_path):
         server.files[FINEWEB_FILES + "sample/10BT/" + name] = body
         listing.append({"type": "file", "path": f"sample/10BT/{name}", "oid": "git-sha1", "size": len(body),
                         "lfs": {"oid": sha(body), "size": len(body), "pointerSize": 134}})
+    server.files[FINEWEB_REVISION] = json_bytes({"id": "HuggingFaceFW/fineweb-edu", "sha": FINEWEB_COMMIT})
     server.files[FINEWEB_API] = json_bytes(listing[:2])
     server.headers[FINEWEB_API] = {"Link": f'<{server.url}{FINEWEB_API}?cursor=2>; rel="next"'}
     server.files[FINEWEB_API + "?cursor=2"] = json_bytes(listing[2:])
@@ -410,6 +455,28 @@ def test_fineweb_resumes_where_it_stopped(fineweb_hub, tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in shard_files(tmp_path)} == original
 
 
+def test_fineweb_keeps_the_commit_it_started_from(fineweb_hub, tmp_path, capsys):
+    """The first run records the commit main named; when upstream moves on, extending the shards still reads
+    that commit's files (and says so), so the shards never mix two versions of the dataset."""
+    server, stream = fineweb_hub
+    args = ["--hub_url", server.url, "--shard_size", "1000", "--data_dir", str(tmp_path)]
+    run_fineweb(*args, "--shards", "1")
+    record = json.loads((tmp_path / "hub_revision.json").read_text())
+    assert record == {"repo": "HuggingFaceFW/fineweb-edu", "commit": FINEWEB_COMMIT}
+    moved = "f" * 40
+    server.files[FINEWEB_REVISION] = json_bytes({"sha": moved})  # upstream changed; its files are not served
+    capsys.readouterr()
+    run_fineweb(*args, "--shards", "3")
+    out = capsys.readouterr().out
+    assert f"main is now {moved}); continuing with commit {FINEWEB_COMMIT}" in out
+    assert not any(moved in path for path, _ in server.requests)
+    shards = [read_shard_by_hand(p) for p in shard_files(tmp_path)]
+    np.testing.assert_array_equal(np.concatenate(shards), stream[:4000])
+    (tmp_path / "hub_revision.json").write_text(json.dumps({"repo": "HuggingFaceFW/fineweb", "commit": moved}))
+    with pytest.raises(common.PrepareError, match="was made from HuggingFaceFW/fineweb, not HuggingFaceFW/fineweb-edu"):
+        run_fineweb(*args, "--shards", "4")
+
+
 def test_fineweb_subsets(fineweb_hub, tmp_path):
     server, stream = fineweb_hub
     run_fineweb("--hub_url", server.url, "--shard_size", "1000", "--max_tokens", "2500",
@@ -446,7 +513,7 @@ def test_fineweb_errors(fineweb_hub, tmp_path):
     data.write_shard(tmp_path / "c" / "fineweb_val_000000.bin", np.full(1000, 7))
     with pytest.raises(common.PrepareError, match="do not match the documents"):
         run_fineweb("--hub_url", server.url, "--shard_size", "1000", "--data_dir", str(tmp_path / "c"))
-    with pytest.raises(common.PrepareError, match=r"Could not list the files.*--hub_url"):
+    with pytest.raises(fileio.DownloadError, match=r"(?s)Could not get .*/revision/main.*--hub_url"):
         run_fineweb("--hub_url", closed_port_url(), "--data_dir", str(tmp_path / "d"))
 
 
