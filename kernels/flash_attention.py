@@ -14,7 +14,9 @@ single owner, so no atomics are needed.
 
 Details:
 - Scores are computed in base 2: softmax_scale * log2(e) is folded into one multiply so the kernels
-  can use exp2, which is what the hardware provides; the saved logsumexp is base 2 as well.
+  can use exp2, which is what the hardware provides; the saved logsumexp is base 2 as well. The forward
+  takes the row max of the raw scores and applies the scale inside the exponent's fused multiply-add.
+- Causal forward tiles run heaviest first (the last query tiles see the most keys).
 - Causal attention skips the tiles above the diagonal through the loop bounds; only the tiles that
   straddle the diagonal (and the ragged last tile when T is not a multiple of the tile) are masked.
 - Dropout draws Philox random numbers keyed by each score's global index (b, h, i, j), so the
@@ -113,12 +115,14 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, 
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_ptr, cols, offs_d, stride_kt, stride_kd, T, D, UPCAST)
         v = _load_tile(v_ptr, cols, offs_d, stride_vt, stride_vd, T, D, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # raw scores: the scale is folded in below
         if MASKED:
             s = tl.where(_visible(rows[:, None], cols[None, :], T, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # qk_scale > 0, so the row max of the raw scores, scaled, is that of the scaled scores, and each
+        # score's exponent s * qk_scale - m is one fused multiply-add
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         # The normalizer sums the un-dropped probabilities: out = dropout(softmax(S)) V.
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
@@ -135,7 +139,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 H, T, D, qk_scale, SEED, dropout_p, keep_scale,
                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    m0 = tl.program_id(0) * BLOCK_M
+    if CAUSAL:  # the last query tiles see the most keys: launch them first, so the tail has the light ones
+        m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    else:
+        m0 = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1), tl.program_id(2)
     bh = b * H + h
     seed = tl.load(SEED) if DROPOUT else 0  # SEED is None without dropout
@@ -463,7 +470,7 @@ def _seed_tensor(seed, device):
     return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
-def _check_inputs(q, k, v, dropout_p):
+def _check_inputs(q, k, v, dropout_p, softmax_scale=None):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
             raise ValueError(f"{name} has shape {tuple(x.shape)}; expected 4 dims (B, H, T, D), "
@@ -486,6 +493,8 @@ def _check_inputs(q, k, v, dropout_p):
         raise cuda_required_error("attn_impl", q.device.type, fallback="sdpa")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1); use 0.0 to disable dropout")
+    if softmax_scale is not None and not softmax_scale > 0:
+        raise ValueError(f"softmax_scale={softmax_scale} must be > 0 (None: 1/sqrt(head dim))")
 
 
 def flash_attention(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, *, seed=None,
@@ -501,7 +510,7 @@ def flash_attention(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, *, 
     tiles: (forward, backward) Tiles to launch with instead of this device's choice (tests run the GPU's
     tilings in the interpreter with it).
     """
-    _check_inputs(q, k, v, dropout_p)
+    _check_inputs(q, k, v, dropout_p, softmax_scale)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     if dropout_p == 0.0:

@@ -286,6 +286,8 @@ def test_dropout_counter_does_not_wrap_at_32_bits():
     ([(1, 2, 8, 16)] * 3, torch.float32, {"dropout_p": -0.1}, r"dropout_p=-0.1 must be in \[0, 1\)"),
     ([(1, 2, 8, 16)] * 3, torch.float32, {"dropout_p": 0.1, "seed": -1}, r"seed=-1 must be an int in \[0, 2\*\*63\)"),
     ([(1, 2, 8, 16)] * 3, torch.float32, {"dropout_p": 0.1, "seed": 1.5}, r"seed=1.5 must be an int"),
+    ([(1, 2, 8, 16)] * 3, torch.float32, {"softmax_scale": 0.0}, r"softmax_scale=0.0 must be > 0"),
+    ([(1, 2, 8, 16)] * 3, torch.float32, {"softmax_scale": -0.25}, r"softmax_scale=-0.25 must be > 0"),
 ])
 def test_rejects_bad_input(shapes, dtype, kwargs, message):
     q, k, v = (torch.zeros(s, dtype=dtype, device=DEVICE) for s in shapes)
