@@ -189,7 +189,7 @@ def compile_norm(recorder: Recorder, quick: bool):
         weight = torch.empty(width, dtype=dtype)
         bias = torch.empty(width, dtype=dtype) if mode == "bias" else None
         _, mean, rstd = ln._forward(x, weight, bias, 1e-5, rms=mode == "rms")
-        ln._backward(x, x, weight, mean, rstd, bias is not None)
+        ln._backward(x, x, weight, mean, rstd, bias)
 
 
 def problems(launch: Launch, capability: int) -> list[str]:

@@ -24,8 +24,8 @@ Backward, for one row with xhat = (x - mean) * rstd (x * rstd for RMSNorm) and g
 (the mean(g) term is the mean's own dependence on x, which RMSNorm does not have).
 dx is per row, but dweight and dbias are sums over all rows. Rather than every row adding into
 one shared vector (atomics or locks: a serialized bottleneck), each program takes a contiguous
-group of rows, accumulates its own fp32 partial sums and writes them to a (groups, N) buffer that
-torch then sums over groups. Rows too wide for one block first get their row means in a
+group of rows, accumulates its own fp32 partial sums and writes them to a (groups, N) buffer, which
+one more small kernel sums over groups into dweight and dbias in the parameters' dtype. Rows too wide for one block first get their row means in a
 separate pass, after which a (groups, column chunks) grid computes dx and the partial sums.
 """
 import functools
@@ -45,6 +45,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # at 8192 it spills, as 16 warps leave each thread at most 128 registers (bench/compile_kernels.py).
 _FWD_MAX_BLOCK_N = 16384
 _BWD_MAX_BLOCK_N = 4096
+# The final dweight/dbias reduction: 32 partial-sum rows of 128 columns per step (16 KiB of fp32).
+_SUM_BLOCK_G, _SUM_BLOCK_N = 32, 128
 
 
 @triton.jit
@@ -188,6 +190,26 @@ def _bwd_chunked_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_partial
         tl.store(DB_partial + partial, db, mask=mask)
 
 
+@triton.jit
+def _sum_partials_kernel(DW_partial, DB_partial, DW, DB, groups, N,
+                         HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dweight (and dbias): the column sums of the (groups, N) fp32 partial sums, stored in the parameters'
+    dtype; one launch for both, instead of a sum and a cast for each."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, groups, BLOCK_G):
+        rows = start + tl.arange(0, BLOCK_G)
+        offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+        mask = (rows[:, None] < groups) & (cols[None, :] < N)
+        dw += tl.sum(tl.load(DW_partial + offs, mask=mask, other=0.0), 0)
+        if HAS_BIAS:
+            db += tl.sum(tl.load(DB_partial + offs, mask=mask, other=0.0), 0)
+    tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=cols < N)
+    if HAS_BIAS:
+        tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=cols < N)
+
+
 def _block_config(n, max_block):
     block = min(triton.next_power_of_2(n), max_block)
     # About 8 to 16 elements per thread: enough work per thread, few enough registers.
@@ -225,11 +247,12 @@ def _forward(x, weight, bias, eps, rms=False):
     return y, mean, rstd
 
 
-def _backward(dy, x, weight, mean, rstd, has_bias):
-    """dx in x's dtype; dweight and dbias as fp32 sums, for the caller to cast.
+def _backward(dy, x, weight, mean, rstd, bias):
+    """dx in x's dtype, dweight and dbias (None without a bias) in the weight's and the bias's.
 
     mean is None for RMSNorm, as _forward returns it."""
     m, n = x.shape
+    has_bias = bias is not None
     rms = mean is None
     mean = rstd if rms else mean  # never read under RMS, like C2: a filler for the pointer slot
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -252,7 +275,12 @@ def _backward(dy, x, weight, mean, rstd, has_bias):
             x, weight, dy, dx, mean, rstd, c1, c2, dw_partial, db_partial,
             x.stride(0), dy.stride(0), dx.stride(0), m, n, rows_per_group,
             RMS=rms, HAS_BIAS=has_bias, BLOCK_N=block, num_warps=num_warps)
-    return dx, dw_partial.sum(0), db_partial.sum(0) if has_bias else None
+    dweight = torch.empty_like(weight)
+    dbias = None if bias is None else torch.empty_like(bias)
+    _sum_partials_kernel[(triton.cdiv(n, _SUM_BLOCK_N),)](
+        dw_partial, db_partial, dweight, dweight if dbias is None else dbias, groups, n,
+        HAS_BIAS=has_bias, BLOCK_G=_SUM_BLOCK_G, BLOCK_N=_SUM_BLOCK_N, num_warps=4)
+    return dx, dweight, dbias
 
 
 def _as_rows(t, m, n):
@@ -289,10 +317,7 @@ class _NormFunction(torch.autograd.Function):
             dweight = torch.zeros_like(weight)
             dbias = None if bias is None else torch.zeros_like(bias)
         else:
-            dx, dweight, dbias = _backward(_as_rows(dy, m, n), x2, weight, mean, rstd,
-                                           has_bias=bias is not None)
-            dweight = dweight.to(weight.dtype)
-            dbias = None if bias is None else dbias.to(bias.dtype)
+            dx, dweight, dbias = _backward(_as_rows(dy, m, n), x2, weight, mean, rstd, bias)
         return dx.view(ctx.shape), dweight, dbias, None, None
 
 

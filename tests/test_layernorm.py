@@ -142,7 +142,7 @@ class _LaunchCounter:
 
 def _count_launches(monkeypatch):
     names = ["_fwd_kernel", "_fwd_chunked_kernel", "_bwd_kernel", "_bwd_row_means_kernel",
-             "_bwd_chunked_kernel"]
+             "_bwd_chunked_kernel", "_sum_partials_kernel"]
     counters = {name: _LaunchCounter(getattr(ln, name)) for name in names}
     for name, counter in counters.items():
         monkeypatch.setattr(ln, name, counter)
@@ -151,10 +151,11 @@ def _count_launches(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["bias", "rms"])
 @pytest.mark.parametrize("n,kernels", [
-    (4000, ["_fwd_kernel", "_bwd_kernel"]),
+    # the weight and bias gradients come out of one last launch whatever the width, already cast
+    (4000, ["_fwd_kernel", "_bwd_kernel", "_sum_partials_kernel"]),
     # between the backward and forward caps
-    (5000, ["_fwd_kernel", "_bwd_row_means_kernel", "_bwd_chunked_kernel"]),
-    (20000, ["_fwd_chunked_kernel", "_bwd_row_means_kernel", "_bwd_chunked_kernel"]),
+    (5000, ["_fwd_kernel", "_bwd_row_means_kernel", "_bwd_chunked_kernel", "_sum_partials_kernel"]),
+    (20000, ["_fwd_chunked_kernel", "_bwd_row_means_kernel", "_bwd_chunked_kernel", "_sum_partials_kernel"]),
 ])
 def test_block_cap_picks_kernel(monkeypatch, n, kernels, mode):
     counters = _count_launches(monkeypatch)
