@@ -4,8 +4,9 @@
 # steps reach val 1.868 where untied 450 reached 1.869 (2026-11-24, seed 1337).
 #   python prepare/shakespeare_char.py && python train.py config/shakespeare_cpu.py
 # nanoGPT's CPU "baby GPT" command (4 layers, 128 wide, batch 12, 2000 iterations) reaches a val loss of
-# ~1.9; this gets below it in about a quarter of the time. bench/recipe.py compares it with the same
-# model, data and steps under GPT-2's recipe (config/shakespeare_cpu_gpt2.py); the README has the figures.
+# ~1.9; this gets below it in under a quarter of the time (22.5%, side by side). bench/recipe.py compares
+# it with the same model, data and steps under GPT-2's recipe (config/shakespeare_cpu_gpt2.py); the README
+# has the figures.
 
 out_dir = "out-shakespeare-char-cpu"
 dataset = "shakespeare_char"
