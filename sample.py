@@ -12,7 +12,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import tiktoken
 import torch
 
 import checkpoint as ckpt
@@ -21,6 +20,7 @@ from data import load_meta
 from fileio import DownloadError
 from generate import check_sampling
 from model import GPT
+from prepare.common import PrepareError, gpt2_encoding
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (the checkpoint in out_dir), a GPT-2 name ('gpt2', ..., 'gpt2-xl') or an HF model dir
@@ -65,7 +65,10 @@ def char_tokenizer(meta: dict) -> Tokenizer:
 
 
 def gpt2_tokenizer() -> Tokenizer:
-    enc = tiktoken.get_encoding("gpt2")
+    try:
+        enc = gpt2_encoding()  # tiktoken's, with a clear error when its files cannot be had
+    except PrepareError as error:
+        raise SystemExit(f"error: {error}") from None
     return Tokenizer(lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}), enc.decode_bytes, enc.eot_token)
 
 

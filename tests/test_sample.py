@@ -1,4 +1,5 @@
 """sample.py end to end: checkpoints with a char vocabulary or GPT-2 BPE, prompts, streaming, EOT."""
+import os
 import pickle
 import subprocess
 import sys
@@ -107,3 +108,22 @@ def test_sampling_settings_are_checked(char_run, option, message):
         assert len(texts) == 2 and texts[0] == texts[1]  # top_p=0 keeps only the most likely token
     else:
         assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_gpt2_tokenizer_that_cannot_be_had_is_a_clear_error(tmp_path):
+    """tiktoken fetches GPT-2's BPE files on first use: offline (here: its fetch fails) sample.py says what to
+    do in one line."""
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "out", GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=32)),
+                    "not_prepared")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import requests, tiktoken.load\n"
+        "def offline(path):\n"
+        "    raise requests.ConnectionError(f'no route to {path}')\n"
+        "tiktoken.load.read_file = offline\n")
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, str(REPO / "sample.py"), "--device=cpu", "--out_dir=out", "--max_new_tokens=2"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "Could not load the GPT-2 tokenizer" in out.stderr and "TIKTOKEN_CACHE_DIR" in out.stderr
