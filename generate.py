@@ -89,9 +89,7 @@ def generate_stream(
     exactly the window rerun; with more, those cached states were computed from their own windows, so
     information reaches further back (sliding-window attention) and the result differs from a rerun.
     """
-    check_sampling(temperature, top_k, top_p)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     block_size = model.config.block_size
     rolling = use_cache and roll
     if refill is not None and rolling:
@@ -111,7 +109,6 @@ def generate_stream(
         idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
         idx = torch.cat((idx, idx_next), dim=1)
         yield idx_next
-
 
 
 def sample_next_token(
@@ -149,8 +146,10 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int = 0) -> None:
     """A clear ValueError for sampling settings that mean nothing."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):

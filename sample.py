@@ -114,9 +114,7 @@ class SamplingSettings:
     stop_at_eot: bool = False
 
     def __post_init__(self):
-        check_sampling(self.temperature, self.top_k, self.top_p)
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        check_sampling(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
 
 
 def generate_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], batch: int, settings: SamplingSettings,

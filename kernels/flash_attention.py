@@ -318,7 +318,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                        True, CAUSAL, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
     tl.store(DQ + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
              + rows[:, None] * stride_gt + offs_d[None, :] * stride_gd,
-             _round_to(dq * softmax_scale, DQ, UPCAST).to(DQ.dtype.element_ty), mask=(rows[:, None] < T) & (offs_d[None, :] < D))
+             _round_to(dq * softmax_scale, DQ, UPCAST).to(DQ.dtype.element_ty),
+             mask=(rows[:, None] < T) & (offs_d[None, :] < D))
 
 
 @triton.jit

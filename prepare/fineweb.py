@@ -60,6 +60,7 @@ except ImportError:
 DATASETS = {"fineweb_edu": "HuggingFaceFW/fineweb-edu", "fineweb": "HuggingFaceFW/fineweb"}
 FOLDER = "sample/10BT"
 REVISION_FILE = "hub_revision.json"  # the dataset commit the shards are made from
+HUB_HINT = ", or point --hub_url (or $HF_ENDPOINT) at a reachable Hugging Face mirror"  # ends hub errors
 SHARD_NAME = re.compile(r"fineweb_(val|train)_(\d{6})\.bin")
 
 
@@ -72,8 +73,7 @@ def pinned_commit(base: str, repo: str, data_dir: Path) -> str:
     it, else main's now (recorded). A run that extends the shards thus reads the same version of the data;
     it says so when upstream has moved on since."""
     record = data_dir / REVISION_FILE
-    hint = ", or point --hub_url (or $HF_ENDPOINT) at a reachable Hugging Face mirror"
-    latest = hub.resolve_revision(base, "dataset", repo, hint=hint)
+    latest = hub.resolve_revision(base, "dataset", repo, hint=HUB_HINT)
     if record.is_file():
         recorded = json.loads(record.read_text())
         if recorded.get("repo") != repo:
@@ -91,8 +91,8 @@ def pinned_commit(base: str, repo: str, data_dir: Path) -> str:
 
 def list_parquet_files(base: str, repo: str, commit: str) -> list[hub.RemoteFile]:
     """The parquet files in the repo's FOLDER at `commit`."""
-    hint = ", or point --hub_url (or $HF_ENDPOINT) at a reachable Hugging Face mirror"
-    files = [f for f in hub.list_files(base, "dataset", repo, commit, FOLDER, hint=hint) if f.path.endswith(".parquet")]
+    files = [f for f in hub.list_files(base, "dataset", repo, commit, FOLDER, hint=HUB_HINT)
+             if f.path.endswith(".parquet")]
     if not files:
         raise common.PrepareError(f"{repo} lists no parquet files in {FOLDER} at commit {commit} on {base}")
     return sorted(files, key=lambda f: f.path)
@@ -101,8 +101,7 @@ def list_parquet_files(base: str, repo: str, commit: str) -> list[hub.RemoteFile
 def fetch_parquet(base: str, repo: str, commit: str, remote: hub.RemoteFile, cache_dir: Path) -> Path:
     return download(
         hub.file_url(base, "dataset", repo, commit, remote.path), cache_dir / Path(remote.path).name,
-        remote.sha256, remote.size, hint=", or point --hub_url (or $HF_ENDPOINT) at a Hugging Face mirror",
-        headers=hub.auth_headers(),
+        remote.sha256, remote.size, hint=HUB_HINT, headers=hub.auth_headers(),
     )
 
 

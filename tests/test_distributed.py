@@ -125,9 +125,7 @@ def test_consolidated_checkpoint_is_the_fsdp_model(workdir, fsdp_run, reference)
     assert ckpt["iter_num"] == 6
     # the same weights and optimizer state as the one-process run at the same iteration...
     one = load_file(reference / "ckpt6.pt")
-    assert ckpt["model"].keys() == one["model"].keys()
-    for name, tensor in one["model"].items():
-        torch.testing.assert_close(ckpt["model"][name], tensor, atol=1e-5, rtol=0)
+    assert_same_weights(fsdp_run / "ckpt.pt", reference / "ckpt6.pt")
     assert ckpt["optimizer"]["param_groups"] == one["optimizer"]["param_groups"]
     for index, state in one["optimizer"]["state"].items():
         assert ckpt["optimizer"]["state"][index]["step"] == state["step"] == 6
