@@ -2,7 +2,7 @@
 
 - `ckpt.pt`: nanoGPT's format, one file: model, optimizer, model_args, iter_num, best_val_loss, config, plus
   keys of ours that nanoGPT ignores (scaler, rng, gelu_approximate, evals_since_best). One process and DDP.
-- `ckpt_dcp/`: the sharded form FSDP writes: DCP shards of the model and optimizer, one file per rank, and
+- `ckpt_dcp/`: the sharded form FSDP and tensor parallelism write: DCP shards of the model and optimizer, one file per rank, and
   `train_state.pt` holding the rest. Any number of processes can read it back, one process included.
 - With always_save_checkpoint=False, `ckpt.pt` (`ckpt_dcp/`) is the best model so far and is never
   overwritten by a worse one; the latest state, when it is newer, is `ckpt_latest.pt` (`ckpt_latest_dcp/`).
@@ -33,6 +33,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+import parallelism
+import pipeline
 from fileio import atomic_open
 from model import GPT, GPTConfig, gelu_approximate, set_gelu_approximate
 
@@ -41,6 +43,7 @@ LATEST_FILE = "ckpt_latest.pt"
 SHARDED_DIR = "ckpt_dcp"
 LATEST_SHARDED_DIR = "ckpt_latest_dcp"
 TRAIN_STATE = "train_state.pt"  # in a sharded checkpoint: everything but the model and optimizer
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)  # how sharded checkpoints hold the optimizer
 MODEL_ARG_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
 
@@ -115,6 +118,19 @@ class _MetadataUnpickler(pickle.Unpickler):
             module.startswith("torch.distributed.checkpoint.")
 
 
+def read_metadata(path: Path):
+    """DCP's .metadata, read with the restricted unpickler."""
+    return _MetadataUnpickler(io.BytesIO((path / ".metadata").read_bytes())).load()
+
+
+def optimizer_state_is_flat(path: Path) -> bool:
+    """Whether a sharded checkpoint keys the optimizer's param groups by parameter name ("flat", what this
+    version writes: each pipeline stage holds other parameters, so groups numbered per stage would clash)
+    or by group number (the nested form, written before pipeline parallelism)."""
+    keys = read_metadata(path).state_dict_metadata
+    return not any(key.startswith("optimizer.param_groups.") and key.split(".")[2].isdigit() for key in keys)
+
+
 def check_sharded(path: str | Path) -> None:
     """Check that a sharded checkpoint directory is whole and safe to hand to DCP."""
     path = Path(path)
@@ -123,7 +139,7 @@ def check_sharded(path: str | Path) -> None:
         raise CheckpointError(f"{path} is not a whole sharded checkpoint (no .metadata or {TRAIN_STATE}); delete it "
                               "and resume from another checkpoint")
     try:
-        _MetadataUnpickler(io.BytesIO(metadata.read_bytes())).load()
+        read_metadata(path)
     except pickle.UnpicklingError as error:
         raise CheckpointError(f"refusing to load {metadata}: {error}; unpickling it could run code") from None
     except Exception as error:  # a torn pickle fails with almost any exception type
@@ -242,45 +258,76 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
 
 
+IMPLEMENTATION_KEYS = ("fused", "foreach")  # how an optimizer steps, not what it computes
+
+
 def load_weights_into(checkpoint: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                       make_optimizer: Callable[[GPT], torch.optim.Optimizer] | None = None) -> None:
-    """Load a checkpoint's model (and optimizer) state into a model, plain or FSDP-sharded, on any layout.
+    """Load a checkpoint into a model and optimizer (see _load_weights_into). The optimizer keeps its own
+    way of stepping: a saved param group says fused=True after a one-process run, which a tensor-parallel
+    optimizer (optim.adamw) cannot do, and the reverse would make a one-process run step slowly."""
+    groups = optimizer.param_groups if optimizer is not None else []
+    implementation = [{key: group[key] for key in IMPLEMENTATION_KEYS if key in group} for group in groups]
+    _load_weights_into(checkpoint, model, optimizer, make_optimizer)
+    for group, keys in zip(optimizer.param_groups if optimizer is not None else [], implementation):
+        group.update(keys)
+
+
+def _load_weights_into(checkpoint: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                       make_optimizer: Callable[[GPT], torch.optim.Optimizer] | None) -> None:
+    """Load a checkpoint's model (and optimizer) state into a model, plain or sharded (FSDP, tensor
+    parallel), on any layout.
 
     A sharded checkpoint is read by DCP, which loads whatever part of each tensor a process holds, whatever
-    the number of processes that saved it. A plain one loads directly into a plain model; into a sharded
-    one it first loads into a plain copy on the CPU with an optimizer from `make_optimizer` (a plain
-    optimizer state is keyed by parameter index), which torch's state-dict helpers then shard."""
+    the layout that saved it (c_attn is stored whole in nanoGPT's row order, and put in the model's
+    order here: parallelism.py). A plain one loads directly into a plain model; into a sharded one it
+    first loads into a plain copy on the CPU with an optimizer from `make_optimizer` (a plain optimizer
+    state is keyed by parameter index), which torch's state-dict helpers then shard."""
+    tensor_parallel = parallelism.tensor_parallel_degree(model)
     if checkpoint.sharded:
         with warnings.catch_warnings():  # DCP warns when it runs in a single process: a supported use here
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             if optimizer is None:
-                state = {"model": get_model_state_dict(model)}
-                dcp.load(state, checkpoint_id=checkpoint.path)
-                set_model_state_dict(model, state["model"])
-                return
-            model_state, optim_state = get_state_dict(model, optimizer)
-            state = {"model": model_state, "optimizer": optim_state}
+                template = {"model": get_model_state_dict(model)}
+            else:
+                options = StateDictOptions(flatten_optimizer_state_dict=optimizer_state_is_flat(checkpoint.path))
+                model_state, optim_state = get_state_dict(model, optimizer, options=options)
+                template = {"model": model_state, "optimizer": optim_state}
+            state = parallelism.canonical_placeholders(template, tensor_parallel)
             dcp.load(state, checkpoint_id=checkpoint.path)
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+            parallelism.rank_order_state(state, tensor_parallel, template)
+            if optimizer is None:
+                set_model_state_dict(model, state["model"])
+            else:
+                set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                               options=options)
         return
     for key in ("model",) + (("optimizer",) if optimizer is not None else ()):
         if key not in checkpoint.state:
             raise CheckpointError(f"{checkpoint.path} has no '{key}' entry to load; it holds weights only "
                                   "(use it with init_from=resume only if it was saved by train.py)")
-    if not is_sharded(model):
+    partial = pipeline.is_pipeline_part(model)
+    if not is_sharded(model) and not partial:
         model.load_state_dict(clean_state_dict(checkpoint.state["model"]))
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint.state["optimizer"])
         return
     plain_model = build_model(checkpoint, "sdpa", "torch")
+    full = StateDictOptions(full_state_dict=True)
     if optimizer is None:
-        set_model_state_dict(model, plain_model.state_dict(), options=StateDictOptions(full_state_dict=True))
+        state = {"model": plain_model.state_dict()}
+        state = pipeline.own_state(state, model) if partial else state
+        parallelism.rank_order_state(state, tensor_parallel)
+        set_model_state_dict(model, state["model"], options=full)
         return
     plain_optimizer = make_optimizer(plain_model)
     plain_optimizer.load_state_dict(checkpoint.state["optimizer"])
     model_state, optim_state = get_state_dict(plain_model, plain_optimizer)
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True))
+    state = {"model": model_state, "optimizer": optim_state}
+    state = pipeline.own_state(state, model) if partial else state
+    parallelism.rank_order_state(state, tensor_parallel)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=full)
 
 
 # -----------------------------------------------------------------------------
@@ -316,8 +363,9 @@ def save(out_dir: str | Path, latest: bool, model: torch.nn.Module, optimizer: t
     if master:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
     torch.distributed.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    model_state, optim_state = get_state_dict(model, optimizer, options=FLAT)
+    state_dicts = {"model": model_state, "optimizer": optim_state}
+    dcp.save(parallelism.canonical_state(state_dicts, parallelism.tensor_parallel_degree(model)), checkpoint_id=tmp)
     if master:
         with atomic_open(tmp / TRAIN_STATE) as f:
             torch.save(state, f)
@@ -367,23 +415,26 @@ def rng_states(device: torch.device) -> dict:
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def gather_rng_states(device: torch.device, world_size: int) -> dict:
-    """Every rank's RNG states, collected on all ranks (the master saves them)."""
+def gather_rng_states(device: torch.device, world_size: int, model_layout: tuple[int, int] = (1, 1)) -> dict:
+    """Every rank's RNG states, collected on all ranks (the master saves them), and the layout they
+    belong to."""
     states = [rng_states(device)]
     if world_size > 1:
         states = [None] * world_size
         torch.distributed.all_gather_object(states, rng_states(device))
     return {
         "world_size": world_size,
+        "model_layout": list(model_layout),  # (pipeline, tensor) parallel
         "torch": [s["torch"] for s in states],
         "cuda": [s["cuda"] for s in states] if device.type == "cuda" else None,
     }
 
 
-def restore_rng_states(rng: dict | None, device: torch.device, rank: int, world_size: int) -> bool:
-    """Restore this rank's RNG states when the checkpoint was saved with the same number of processes;
-    with another number, dropout masks simply start afresh. Returns whether they were restored."""
-    if rng is None or rng.get("world_size") != world_size:
+def restore_rng_states(rng: dict | None, device: torch.device, rank: int, world_size: int,
+                       model_layout: tuple[int, int] = (1, 1)) -> bool:
+    """Restore this rank's RNG states when the checkpoint was saved on the same layout; on another one,
+    dropout masks simply start afresh. Returns whether they were restored."""
+    if rng is None or rng.get("world_size") != world_size or rng.get("model_layout", [1, 1]) != list(model_layout):
         return False
     torch.set_rng_state(rng["torch"][rank])
     if device.type == "cuda" and rng.get("cuda") is not None:

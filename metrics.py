@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from fileio import atomic_open
-from model import GPT
 
 # Dense bf16/fp16 tensor-core peaks in FLOP/s, by the name CUDA reports (first match wins, so the more
 # specific names come first). A GPU missing here gets no MFU rather than a wrong one.
@@ -39,11 +38,15 @@ def gpu_peak_flops(device: str | torch.device, dtype: str) -> float | None:
     return None
 
 
-def mfu_per_gpu(model: GPT, batch_size: int, accumulation_steps_per_rank: int, dt: float,
-                peak_flops: float | None) -> float | None:
-    """MFU of one process: the sequences this process ran in a step (its micro-batches only, not the
-    global batch) over one GPU's peak. Under DDP/FSDP every GPU does the same work, so this is the run's."""
-    return model.estimate_mfu(batch_size * accumulation_steps_per_rank, dt, peak_flops)
+def mfu_per_gpu(flops_per_sequence: float, sequences_per_rank: int, dt: float, peak_flops: float | None,
+                model_parallel: int = 1) -> float | None:
+    """MFU of one process: the sequences its data rank ran in a step (its micro-batches only, not the global
+    batch), each costing flops_per_sequence (the whole model's: GPT.flops_per_token() * block_size), over
+    one GPU's peak. Tensor and pipeline parallelism split each sequence's work over model_parallel GPUs.
+    Every GPU does the same work, so this is the run's."""
+    if peak_flops is None or dt <= 0:
+        return None
+    return flops_per_sequence * sequences_per_rank / model_parallel / dt / peak_flops
 
 
 def format_eta(seconds: float) -> str:

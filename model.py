@@ -201,17 +201,17 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.head_dim = config.n_embd // config.n_head
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
         self.impl = "sdpa"  # resolved by GPT.resolve_impl
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: "LayerCache | None" = None,
                 start: int = 0):
-        B, T, C = x.size()
-        # (B, T, 3, H, D) -> three (B, H, T, D) views; the Triton kernel reads the strides as they are
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        B, T, _ = x.size()
+        # (B, T, 3, H, D) -> three (B, H, T, D) views; the Triton kernel reads the strides as they are. The
+        # head count is what c_attn gives, not n_head: under tensor parallelism a rank holds some heads only.
+        q, k, v = self.c_attn(x).view(B, T, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.qk_norm:
             # an explicit eps: F.rms_norm's default is the dtype's, which would change with autocast
             q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)
@@ -221,7 +221,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(k, v, start)
         dropout_p = self.dropout if self.training else 0.0
         y = attention(q, k, v, self.impl, dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -346,29 +346,43 @@ class GPT(nn.Module):
                 f"cannot forward a sequence of length {start + t}: block_size is {self.config.block_size}; "
                 "crop the input to the last block_size tokens"
             )
-        pos = torch.arange(start, start + t, dtype=torch.long, device=device)
-        x = self.transformer.wte(idx)
-        rope = None
-        if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(pos)
-        else:
-            rope = rotary_tables(pos, self.config.n_embd // self.config.n_head, self.config.rope_base)
-        x = self.transformer.drop(x)
+        x = self.embed(idx, start)
+        rope = self.rotary(t, start, device)
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, cache.layers[i] if cache is not None else None, start)
-        x = self.transformer.ln_f(x)
         if cache is not None:
             cache.length = start + t
         if targets is None:
             x = x[:, [-1], :]  # generation needs the last position only; the list index keeps the time dim
-        logits = self.lm_head(x)
+        logits = self.head(x)
+        if targets is None:
+            return logits, None
+        return logits, cross_entropy(logits, targets)
+
+    # The forward's three parts, which a pipeline stage also runs on its own (parallelism/pipeline.py)
+
+    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Tokens (B, T) at positions start.. -> the residual stream (B, T, C)."""
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:
+            pos = torch.arange(start, start + idx.size(1), dtype=torch.long, device=idx.device)
+            x = x + self.transformer.wpe(pos)
+        return self.transformer.drop(x)
+
+    def rotary(self, t: int, start: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE's tables for positions start..start+t, shared by every layer (None with learned positions)."""
+        if self.config.pos_embedding != "rope":
+            return None
+        pos = torch.arange(start, start + t, dtype=torch.long, device=device)
+        return rotary_tables(pos, self.config.n_embd // self.config.n_head, self.config.rope_base)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream -> logits: final norm, lm_head, and the softcap if there is one."""
+        logits = self.lm_head(self.transformer.ln_f(x))
         if self.config.logit_softcap:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context length, e.g. to finetune GPT-2 (1024) with a shorter block."""
@@ -427,6 +441,11 @@ class GPT(nn.Module):
         from hf import save_hf_gpt2
 
         save_hf_gpt2(self, Path(directory))
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The training loss: mean cross-entropy over all positions, ignoring targets of -1."""
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
 def set_gelu_approximate(model: nn.Module, approximate: str) -> None:

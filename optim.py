@@ -25,11 +25,24 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 def adamw(groups: list[dict], learning_rate: float, betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
-    """AdamW, fused where PyTorch has it (CUDA, and CPU since 2.4): the whole update in one launch."""
+    """AdamW, fused where PyTorch has it (CUDA, and CPU since 2.4): the whole update in one launch. Under
+    tensor parallelism some parameters are DTensors and some plain tensors (or DTensors on two meshes, with
+    FSDP too), which one fused or foreach call cannot take: then AdamW steps one parameter at a time."""
+    params = [p for group in groups for p in group["params"]]
+    if len({parameter_kind(p) for p in params}) > 1:
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, foreach=False, fused=False)
     try:
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+
+
+def parameter_kind(param: torch.Tensor) -> tuple:
+    """Which tensors one fused/foreach call can take together: plain ones, or DTensors of one mesh."""
+    if isinstance(param, torch.distributed.tensor.DTensor):
+        mesh = param.device_mesh
+        return (tuple(mesh.mesh.flatten().tolist()), mesh.mesh_dim_names)
+    return ()
 
 
 def newton_schulz(update: torch.Tensor, dtype: torch.dtype, eps: float = 1e-7) -> torch.Tensor:

@@ -12,20 +12,25 @@ training state does not fit on one (e.g. finetuning gpt2-xl),
 
 $ torchrun --standalone --nproc_per_node=8 train.py config/finetune_shakespeare.py --parallel=fsdp
 
+with tensor parallelism (each layer split across 2 processes) and pipeline parallelism (the layers split
+into 2 stages), data parallel over the rest (here 2 x 2 x 2),
+
+$ torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py --tensor_parallel=2 --pipeline_parallel=2
+
 and across nodes (the same command on each; the rendezvous endpoint is a host:port of the first node):
 
 $ torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.1:29500 --rdzv-id=run1 train.py
 
-FSDP checkpoints are sharded (out_dir/ckpt_dcp/); sample.py and a resume on any layout read them as they are,
-and this writes them as one out_dir/ckpt.pt in nanoGPT's format:
+FSDP, tensor- and pipeline-parallel checkpoints are sharded (out_dir/ckpt_dcp/); sample.py and a resume on
+any layout read them as they are, and this writes them as one out_dir/ckpt.pt in nanoGPT's format:
 
 $ python train.py --out_dir=out --consolidate=True
 
 SIGTERM or Ctrl-C saves a checkpoint after the current step, then exits; `--init_from=resume` continues.
 Under `torchrun --max-restarts=N`, restarted workers resume from the latest checkpoint by themselves.
 docs/ has the details. The config keys, defaults, command lines, data files and checkpoints are nanoGPT's;
-the run-time parts (schedule, step, evaluation, checkpoints, processes) are functions in training.py,
-checkpoint.py and metrics.py.
+the run-time parts (schedule, step, evaluation, checkpoints, processes, layouts) are functions in training.py,
+checkpoint.py, metrics.py, parallelism.py and pipeline.py.
 """
 import math
 import os
@@ -37,6 +42,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint as ckpt
 import metrics
+import parallelism
+import pipeline
 import training
 from configurator import autocast, configure, resolve_compile, resolve_device, resolve_dtype
 from data import TokenSplit, load_meta
@@ -102,6 +109,10 @@ min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinch
 # system
 backend = "nccl"  # 'nccl', 'gloo', etc.; CPU runs always use gloo
 parallel = "ddp"  # under torchrun: 'ddp' (a model replica per process) or 'fsdp' (the model sharded across them)
+tensor_parallel = 1  # split each layer across this many processes (of one node); data parallel over the rest
+pipeline_parallel = 1  # split the layers into this many pipeline stages, one per process
+pipeline_schedule = "1f1b"  # '1f1b', 'gpipe' or 'interleaved_1f1b' (pipeline_stages_per_rank stages per process)
+pipeline_stages_per_rank = 2  # for 'interleaved_1f1b' only
 device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto', 'float32', 'bfloat16' or 'float16' (the latter with a GradScaler)
 compile: bool | str = "auto"  # torch.compile the model; 'auto' compiles on CUDA only
@@ -142,7 +153,10 @@ dist = training.setup_distributed(resolve_device(device), backend)
 fsdp = parallel == "fsdp"
 master_process = dist.master
 try:
-    accumulation = training.per_rank_accumulation(gradient_accumulation_steps, dist.world_size)
+    layout = parallelism.plan_layout(dist.world_size, dist.rank, tensor_parallel, pipeline_parallel)
+    # the ranks of one model replica (tensor, pipeline) compute the same micro-batches: the batch splits over
+    # data ranks, and a pipeline's micro-batches are these
+    accumulation = training.per_rank_accumulation(gradient_accumulation_steps, layout.data)
 except ValueError as error:
     fail(str(error))
 device, device_type = dist.device, dist.device.type
@@ -153,7 +167,8 @@ if torch_threads > 0:
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
-    print(f"device {device}, dtype {dtype}, compile {compile}, {dist.world_size} process(es)")
+    print(f"device {device}, dtype {dtype}, compile {compile}, {dist.world_size} process(es)"
+          + (f" ({layout.describe()})" if layout.model_parallel > 1 else ""))
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -200,19 +215,38 @@ if block_size < model.config.block_size:
     model.crop_block_size(block_size)
 elif block_size > model.config.block_size:
     fail(f"block_size={block_size} is larger than the model's {model.config.block_size}")
+try:
+    parallelism.check_tensor_parallel(model.config, layout.tensor, device_type, optimizer, dtype)
+    pipeline.check_pipeline(model.config, layout, pipeline_schedule, pipeline_stages_per_rank, accumulation, dtype)
+except ValueError as error:
+    fail(str(error))
 model.to(device)
-torch.manual_seed(seed + dist.rank)  # dropout differs per rank
+flops_per_sequence = model.flops_per_token() * model.config.block_size  # the whole model's, for the MFU
+# dropout differs per data rank; the ranks of a tensor group hold the same activations, so draw the same masks
+torch.manual_seed(seed + layout.data_rank)
 try:
     splits = {split: TokenSplit(data_dir, split, dataset, model.config.vocab_size) for split in ("train", "val")}
 except (FileNotFoundError, ValueError) as error:
     fail(str(error))
 batches = training.Batches(splits, batch_size, block_size, device, seed)
 
-# the attention and norm implementations, chosen before compiling and sharding
-# (under FSDP the residual stream, so the norms' input, is in the mixed-precision dtype)
-choose_impls(model, batch_size, device, getattr(torch, dtype), ln_dtype=getattr(torch, dtype) if fsdp else None)
-if fsdp:
-    training.shard_model(model, device, dist.world_size, dtype)
+# the attention and norm implementations, chosen before compiling and sharding (under FSDP's engine the
+# residual stream, so the norms' input, is in the mixed-precision dtype)
+fsdp_engine = fsdp or (layout.model_parallel > 1 and layout.data > 1)
+choose_impls(model, batch_size, device, getattr(torch, dtype), ln_dtype=getattr(torch, dtype) if fsdp_engine else None)
+mesh = parallelism.build_mesh(layout, device_type) if dist.enabled else None
+stages = [model]  # what data parallelism wraps: the model, or this rank's pipeline stages
+if layout.pipeline > 1:
+    model, stages = pipeline.split_model(model, layout, pipeline_schedule, pipeline_stages_per_rank)
+if layout.tensor > 1:
+    parallelism.apply_tensor_parallel(model, mesh["tensor"])
+if fsdp_engine:
+    for stage in stages:
+        parallelism.apply_data_parallel(stage, parallelism.blocks_of(model) if stage is model else list(stage.blocks),
+                                        mesh["data"], parallel, dtype)
+    pipeline.retie(model)
+sharded = fsdp or layout.model_parallel > 1  # checkpoints in DCP's sharded form
+data_group = mesh["data"].get_group() if layout.data > 1 and layout.model_parallel > 1 else None
 # fp16 needs loss scaling to keep small gradients from underflowing; elsewhere the scaler is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 try:
@@ -226,15 +260,25 @@ if checkpoint is not None:
         fail(str(error))
     if checkpoint.state.get("scaler"):
         scaler.load_state_dict(checkpoint.state["scaler"])
-    ckpt.restore_rng_states(checkpoint.state.get("rng"), device, dist.rank, dist.world_size)
+    ckpt.restore_rng_states(checkpoint.state.get("rng"), device, dist.rank, dist.world_size,
+                            (layout.pipeline, layout.tensor))
 checkpoint = None  # free the memory
 
-raw_model = model  # without the compile and DDP wrappers: what gets saved, and what estimate_mfu is asked
+raw_model = model  # without the compile, DDP and pipeline wrappers: what gets saved
 if compile:
     if master_process:
         print("compiling the model... (takes a ~minute)")
-    model = torch.compile(model)
-if dist.enabled and not fsdp:
+    if layout.pipeline > 1:
+        for block in parallelism.blocks_of(model):  # the stages' own code runs between the blocks
+            block.compile()
+    else:
+        model = torch.compile(model)
+pipe = None
+if layout.pipeline > 1:
+    pipe = model = pipeline.Pipeline(raw_model, stages, layout, mesh, pipeline_schedule, accumulation, device)
+    if master_process:
+        print(pipeline.describe(pipeline_schedule, layout, accumulation, len(stages), raw_model.config.n_layer))
+if dist.enabled and not fsdp_engine and layout.model_parallel == 1:
     model = DDP(model, device_ids=[dist.local_rank] if device_type == "cuda" else None)
 sync_gradients = training.gradient_sync_switch(model, raw_model)
 
@@ -247,12 +291,18 @@ if wandb_log and master_process:
 def save_checkpoint(latest: bool) -> None:
     """Every rank takes part: the RNG states are gathered from all, and under FSDP each writes its shards."""
     state = ckpt.train_state(raw_model, iter_num, early_stopping.best, config, scaler.state_dict(),
-                             ckpt.gather_rng_states(device, dist.world_size), early_stopping.evals_since_best)
-    path = ckpt.save(out_dir, latest, raw_model, opt, state, fsdp, master_process)
+                             ckpt.gather_rng_states(device, dist.world_size, (layout.pipeline, layout.tensor)),
+                             early_stopping.evals_since_best)
+    path = ckpt.save(out_dir, latest, raw_model, opt, state, sharded, master_process)
     if master_process:
         if not latest:
             ckpt.remove_latest(out_dir)  # older than the one just written
         print(f"saved checkpoint {path} (iter {iter_num})")
+
+
+def train_batch(micro_step: int) -> training.Batch:
+    """This data rank's micro_step-th batch of the current iteration: its share of the global step's."""
+    return batches.train(iter_num, layout.data_rank * accumulation + micro_step)
 
 
 def stop_diverged(what: str) -> None:
@@ -272,7 +322,7 @@ while True:
     final = iter_num >= max_iters
     if iter_num % eval_interval == 0 or final or eval_only:
         lr = training.get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
-        losses = training.estimate_loss(model, batches.eval, eval_iters, ctx, dist.rank, dist.world_size)
+        losses = training.estimate_loss(model, batches.eval, eval_iters, ctx, layout.data_rank, layout.data, data_group)
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             if eval_only:
@@ -302,9 +352,10 @@ while True:
     lr = training.get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
     set_lr(opt, lr, learning_rate, muon_lr)
     t0 = time.time()
-    first_micro = dist.rank * accumulation  # this rank's share of the global step's micro-batches
-    loss = training.train_step(model, opt, scaler, lambda i: batches.train(iter_num, first_micro + i),
-                               accumulation, grad_clip, ctx, sync_gradients)
+    if pipe is not None:
+        loss = pipeline.train_step(pipe, opt, scaler, train_batch, accumulation, grad_clip, ctx)
+    else:
+        loss = training.train_step(model, opt, scaler, train_batch, accumulation, grad_clip, ctx, sync_gradients)
 
     # timing and logging
     if iter_num % log_interval == 0 and master_process:
@@ -312,7 +363,8 @@ while True:
         if not math.isfinite(lossf):
             stop_diverged(f"the training loss is {lossf} at iter {iter_num}")
         dt = time.time() - t0
-        step_timer.update(dt, metrics.mfu_per_gpu(raw_model, batch_size, accumulation, dt, peak_flops))
+        step_timer.update(dt, metrics.mfu_per_gpu(flops_per_sequence, batch_size * accumulation, dt, peak_flops,
+                                                    layout.model_parallel))
         tokens_per_s = tokens_per_iter / dt
         mfu_text = "n/a" if step_timer.mfu is None else f"{step_timer.mfu * 100:.2f}%"
         print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}, "
@@ -333,7 +385,7 @@ stop_signal.uninstall()
 if stopped_by_signal and master_process:
     print(f"stopped at iter {iter_num}; to continue, run the same command with --init_from=resume "
           f"(out_dir={out_dir})", file=sys.stderr)
-model = raw_model = opt = None  # free FSDP's state before leaving the process group
+model = raw_model = opt = pipe = stages = None  # free FSDP's state before leaving the process group
 training.teardown_distributed(dist)
 if stopped_by_signal:
     sys.exit(stop_signal.exit_code if stop_signal.received is not None else 143)

@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 try:
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule
 except ImportError:  # torch 2.5 has FSDP2 under its first name
-    from torch.distributed._composable.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed._composable.fsdp import FSDPModule
 
 from data import TokenSplit
-from model import GPT
+from optim import parameter_kind
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -99,6 +99,45 @@ def gradient_sync_switch(model: torch.nn.Module, raw_model: torch.nn.Module) -> 
     return None
 
 
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float, counted: list[torch.Tensor] | None = None,
+                   group=None) -> torch.Tensor:
+    """torch's clip_grad_norm_, also for a model split across processes. `counted`: the parameters whose
+    gradients make up the norm (default all; a pipeline stage leaves out its copy of a tied matrix);
+    `group`: the processes holding the rest of the model (pipeline stages), whose squared norms add up.
+    Tensor parallelism makes some parameters DTensors, which torch's one foreach call cannot mix with plain
+    tensors (or DTensors of another mesh): each kind gets its own norm, whole across its ranks."""
+    parameters = [p for p in parameters if p.grad is not None]
+    kinds: dict[tuple, list[torch.Tensor]] = {}
+    for param in parameters:
+        kinds.setdefault(parameter_kind(param), []).append(param)
+    if len(kinds) <= 1 and counted is None and group is None:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    counted_ids = {id(p) for p in (parameters if counted is None else counted)}
+    square = torch.zeros((), device=parameters[0].device if parameters else None)
+    for params in kinds.values():
+        grads = [p.grad for p in params if id(p) in counted_ids]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            square = square + (norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2
+    if group is not None:
+        torch.distributed.all_reduce(square, group=group)
+    total = square.sqrt()
+    for params in kinds.values():
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, parameters: list[torch.Tensor],
+                 grad_clip: float, counted: list[torch.Tensor] | None = None, group=None) -> None:
+    """After the backward: clip (see clip_grad_norm), step, and clear the gradients."""
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        clip_grad_norm(parameters, grad_clip, counted, group)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                get_batch: Callable[[int], Batch], accumulation_steps: int, grad_clip: float, autocast,
                sync_gradients: Callable[[bool], None] | None = None) -> torch.Tensor:
@@ -118,12 +157,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
         if not last:
             x, y = get_batch(micro_step + 1)  # draw the next batch while the GPU works on this one
         scaler.scale(loss).backward()
-    if grad_clip != 0.0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    apply_update(optimizer, scaler, list(model.parameters()), grad_clip)
     return loss_sum
 
 
@@ -133,10 +167,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
 
 @torch.no_grad()
 def estimate_loss(model: torch.nn.Module, get_batch: Callable[[str, int], Batch], eval_iters: int, autocast,
-                  rank: int = 0, world_size: int = 1, splits: Iterable[str] = ("train", "val")) -> dict[str, float]:
-    """Mean loss over eval_iters batches of each split (get_batch(split, k) gives the k-th). Each rank
-    evaluates its share; gathering every batch's loss, rather than summing partial means, makes the
-    result the very number one process computes."""
+                  rank: int = 0, world_size: int = 1, group=None,
+                  splits: Iterable[str] = ("train", "val")) -> dict[str, float]:
+    """Mean loss over eval_iters batches of each split (get_batch(split, k) gives the k-th). Each of the
+    world_size data ranks (in process group `group`, default all) evaluates its share; gathering every
+    batch's loss, rather than summing partial means, makes the result the very number one process
+    computes. The ranks of a tensor-parallel group compute the same losses together."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -151,7 +187,7 @@ def estimate_loss(model: torch.nn.Module, get_batch: Callable[[str, int], Batch]
                 _, loss = model(x, y)
             losses[k] = loss
         if world_size > 1:
-            torch.distributed.all_reduce(losses)  # each slot is nonzero on one rank only: the sum is exact
+            torch.distributed.all_reduce(losses, group=group)  # each slot is nonzero on one rank only: the sum is exact
         out[split] = losses[:eval_iters].mean().item()
     model.train(was_training)
     return out
@@ -240,17 +276,6 @@ def per_rank_accumulation(gradient_accumulation_steps: int, world_size: int) -> 
             f"processes; pick a multiple of {world_size} so the global batch stays the same"
         )
     return gradient_accumulation_steps // world_size
-
-
-def shard_model(model: GPT, device: torch.device, world_size: int, dtype: str) -> None:
-    """FSDP2: shard each block's parameters (so its gradients and optimizer state too) across the ranks,
-    then the rest at the root; a block's are all-gathered only while it computes. Under bf16/fp16 they are
-    gathered in that dtype and the gradients reduced in fp32."""
-    mesh = init_device_mesh(device.type, (world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 # -----------------------------------------------------------------------------

@@ -30,12 +30,19 @@ KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")
+    config.addinivalue_line("markers", "extra: another variant of a multi-process layout that a test in the default "
+                                       "run covers already; run with --extra (2 CPU cores make these slow)")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--extra", action="store_true", help="also run the tests marked extra")
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_extra = pytest.mark.skip(reason="a variant of a covered layout: run with --extra")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "extra" in item.keywords and not config.getoption("--extra"):
+            item.add_marker(skip_extra)

@@ -138,3 +138,39 @@ def test_find_prefers_the_newer_of_best_and_latest(tmp_path):
     assert ckpt.find(tmp_path, latest=True).path.name == ckpt.CKPT_FILE
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint in .*train one first"):
         ckpt.require(tmp_path / "elsewhere", latest=True)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "nested (before pipeline parallelism)"])
+def test_sharded_checkpoints_load_in_either_optimizer_form(tmp_path, flat):
+    """Sharded checkpoints key the optimizer's param groups by parameter name (flat); those written before
+    pipeline parallelism keyed them by group number (nested). Both load into a plain model and AdamW."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from optim import build_optimizer
+
+    def make_optimizer(model):
+        return build_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.95), "cpu")
+
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    optimizer = make_optimizer(model)
+    model(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))[1].backward()
+    optimizer.step()
+    options = StateDictOptions(flatten_optimizer_state_dict=flat)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    path = tmp_path / ckpt.SHARDED_DIR
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
+    torch.save(ckpt.train_state(model, 1, 2.0, {}, {}, {}), path / ckpt.TRAIN_STATE)
+    assert ckpt.optimizer_state_is_flat(path) == flat
+
+    loaded = ckpt.build_model(ckpt.read_checkpoint(path, sharded=True), "sdpa", "torch", load_weights=False)
+    loaded_optimizer = make_optimizer(loaded)
+    ckpt.load_weights_into(ckpt.read_checkpoint(path, sharded=True), loaded, loaded_optimizer)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    expected, actual = optimizer.state_dict(), loaded_optimizer.state_dict()
+    assert actual["param_groups"] == expected["param_groups"]
+    for index, state in expected["state"].items():
+        torch.testing.assert_close(actual["state"][index]["exp_avg_sq"], state["exp_avg_sq"], rtol=0, atol=0)

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,16 +65,24 @@ def ddp_run(workdir):
 
 
 def assert_same_weights(path, expected_path, atol=1e-5):
+    """A checkpoint's weights (ckpt.pt, or a sharded ckpt_dcp/ read into one plain model: c_attn back in
+    nanoGPT's order) are the expected checkpoint's."""
     expected = load_file(expected_path)["model"]
-    actual = load_file(path)["model"]
-    assert actual.keys() == expected.keys()
+    sharded = path.is_dir()
+    actual = model_from(path, sharded=True).state_dict() if sharded else load_file(path)["model"]
+    assert set(actual) >= set(expected) if sharded else actual.keys() == expected.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name], tensor, atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
-def test_ddp_matches_one_process(ddp_run, reference):
+def assert_losses_match(out_dir, reference, iters=(0, 3, 6)):
+    """The val losses a run logged at `iters` are one process's, to 1e-5."""
     ref = val_losses(reference)
-    assert val_losses(ddp_run) == pytest.approx({i: ref[i] for i in (0, 3, 6)}, abs=1e-5)
+    assert val_losses(out_dir) == pytest.approx({i: ref[i] for i in iters}, abs=1e-5)
+
+
+def test_ddp_matches_one_process(ddp_run, reference):
+    assert_losses_match(ddp_run, reference)
     assert_same_weights(ddp_run / "ckpt.pt", reference / "ckpt6.pt")
 
 
@@ -102,8 +111,7 @@ def fsdp_run(workdir):
 
 
 def test_fsdp_matches_one_process(fsdp_run, reference):
-    ref = val_losses(reference)
-    assert val_losses(fsdp_run) == pytest.approx({i: ref[i] for i in (0, 3, 6)}, abs=1e-5)
+    assert_losses_match(fsdp_run, reference)
     files = set(os.listdir(fsdp_run / "ckpt_dcp"))
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "train_state.pt"} <= files  # one shard file per rank
     assert not (fsdp_run / "ckpt.pt").exists() and not (fsdp_run / "ckpt_dcp.tmp").exists()
@@ -166,8 +174,7 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(workdir, reference, pa
     run_train(workdir, *COMMON, f"--out_dir={out.name}", "--max_iters=6", f"--parallel={parallel}",
               launcher=standalone(2, "--max-restarts=1"), env=env)
     assert [m for m in metrics(out) if "event" in m] == [{"iter": 3, "event": "resume", "restart": 1}]
-    ref = val_losses(reference)
-    assert val_losses(out) == pytest.approx({i: ref[i] for i in (0, 3, 6)}, abs=1e-5)
+    assert_losses_match(out, reference)
     if parallel == "fsdp":
         run_train(workdir, f"--out_dir={out.name}", "--consolidate=True")
     ckpt = load_file(out / "ckpt.pt")
@@ -209,8 +216,7 @@ def test_two_nodes_meet_through_c10d_rendezvous(workdir, reference, tmp_path):
     for node, log in zip(nodes, logs):
         assert node.wait(timeout=300) == 0, log.read_text()
     assert "2 process(es)" in logs[0].read_text() + logs[1].read_text()
-    ref = val_losses(reference)
-    assert val_losses(workdir / "nodes") == pytest.approx({i: ref[i] for i in (0, 3, 6)}, abs=1e-5)
+    assert_losses_match(workdir / "nodes", reference)
 
 
 def test_parallel_mistakes_are_clear_errors(workdir):
@@ -225,3 +231,174 @@ def test_parallel_mistakes_are_clear_errors(workdir):
     assert indivisible.returncode != 0 and "not divisible by the 2 processes" in indivisible.stderr
     assert "Traceback" not in no_torchrun.stderr + unknown.stderr + nothing.stderr
     assert 'train.py", line' not in indivisible.stderr  # torchrun prints its own traceback, but none from ours
+
+
+# -----------------------------------------------------------------------------
+# Tensor parallelism, alone and with a data-parallel dimension (4 processes)
+
+TENSOR_PARALLEL = ["--tensor_parallel=2"]
+
+
+@pytest.fixture(scope="module")
+def tp_run(workdir):
+    """Two processes splitting every layer, 6 iterations."""
+    out = run_train(workdir, *COMMON, *TENSOR_PARALLEL, "--out_dir=tp", "--max_iters=6", launcher=standalone(2),
+                    env=ENV)
+    assert "(data parallel 1 x pipeline parallel 1 x tensor parallel 2)" in out.stdout
+    return workdir / "tp"
+
+
+def test_tensor_parallel_matches_one_process(tp_run, reference):
+    assert_losses_match(tp_run, reference)
+    assert_same_weights(tp_run / "ckpt_dcp", reference / "ckpt6.pt")
+
+
+def resume_on_layouts(workdir, reference, saved: Path, runs: dict[str, tuple[list[str], list[str] | None]]):
+    """Copy `saved` (a run's out_dir, or one process's ckpt6.pt) into a fresh out_dir per run, resume each with
+    its options and launcher to iteration 9, and check it ends where one process does, from the losses at 6
+    and 9 to every weight (so the optimizer state came along too)."""
+    ref = val_losses(reference)
+    for name, (options, launcher) in runs.items():
+        out = workdir / name
+        if saved.is_dir():
+            shutil.copytree(saved / "ckpt_dcp", out / "ckpt_dcp")
+        else:
+            out.mkdir()
+            shutil.copy(saved, out / "ckpt.pt")
+        run_train(workdir, *COMMON, *options, f"--out_dir={name}", "--max_iters=9", "--init_from=resume",
+                  launcher=launcher, env=ENV)
+        assert val_losses(out) == pytest.approx({6: ref[6], 9: ref[9]}, abs=1e-5), name
+        written = out / "ckpt.pt" if (out / "ckpt.pt").exists() else out / "ckpt_dcp"  # plain DDP writes ckpt.pt
+        assert_same_weights(written, reference / "ckpt.pt")
+
+
+def test_tensor_parallel_resumes_on_other_layouts(workdir, tp_run, reference):
+    """tp2 -> one process (DCP shards), tp2 -> fsdp2 x tp2 (4 processes), one process -> tp2 (ckpt.pt)."""
+    resume_on_layouts(workdir, reference, tp_run, {"tp_to_one": ([], None), "tp_to_fsdp_tp": (
+        ["--parallel=fsdp", *TENSOR_PARALLEL], standalone(4))})
+    resume_on_layouts(workdir, reference, reference / "ckpt6.pt", {"one_to_tp": (TENSOR_PARALLEL, standalone(2))})
+
+
+def test_sample_py_and_consolidation_read_a_tensor_parallel_checkpoint(workdir, tp_run, reference):
+    out = run_sample(workdir, f"--out_dir={tp_run.name}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=20")
+    assert out.stdout.split("(meta.pkl)\n", 1)[1].startswith("ROMEO:")
+    consolidated = workdir / "tp_consolidated"
+    shutil.copytree(tp_run / "ckpt_dcp", consolidated / "ckpt_dcp")
+    run_train(workdir, f"--out_dir={consolidated.name}", "--consolidate=True")
+    assert_same_weights(consolidated / "ckpt.pt", reference / "ckpt6.pt")
+    one = load_file(reference / "ckpt6.pt")["optimizer"]
+    merged = load_file(consolidated / "ckpt.pt")["optimizer"]
+    for index, state in one["state"].items():  # c_attn's moments back in nanoGPT's order too
+        torch.testing.assert_close(merged["state"][index]["exp_avg"], state["exp_avg"], atol=1e-6, rtol=0)
+
+
+def test_tensor_parallel_runs_every_model_switch(workdir):
+    """RoPE, RMSNorm, QK-norm, ReLU², an untied head, softcap, zero-init projections and biases: tp2 computes
+    what one process does."""
+    switches = ["--pos_embedding=rope", "--norm=rmsnorm", "--qk_norm=True", "--activation=relu2",
+                "--tie_embeddings=False", "--logit_softcap=15", "--zero_init_proj=True", "--bias=True"]
+    run_train(workdir, *COMMON, *switches, "--out_dir=switches_one", "--max_iters=3")
+    run_train(workdir, *COMMON, *switches, *TENSOR_PARALLEL, "--out_dir=switches_tp", "--max_iters=3",
+              launcher=standalone(2), env=ENV)
+    assert val_losses(workdir / "switches_tp") == pytest.approx(val_losses(workdir / "switches_one"), abs=1e-5)
+    assert_same_weights(workdir / "switches_tp" / "ckpt_dcp", workdir / "switches_one" / "ckpt.pt")
+
+
+@pytest.mark.extra
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_data_and_tensor_parallel_match_one_process(workdir, reference, parallel):
+    """dp2 x tp2 from scratch (the fsdp variant's resume is in the default run), then its checkpoint
+    resumed by plain data parallelism."""
+    out = workdir / f"dp_tp_{parallel}"
+    run_train(workdir, *COMMON, *TENSOR_PARALLEL, f"--parallel={parallel}", f"--out_dir={out.name}", "--max_iters=6",
+              launcher=standalone(4), env=ENV)
+    assert_losses_match(out, reference)
+    run_train(workdir, *COMMON, "--parallel=fsdp", f"--out_dir={out.name}", "--max_iters=9", "--init_from=resume",
+              launcher=standalone(2), env=ENV)
+    assert_losses_match(out, reference, iters=(9,))
+
+
+@pytest.mark.extra
+def test_sigterm_under_tensor_parallel_saves_and_resumes(workdir, reference, tmp_path):
+    out = workdir / "tp_sigterm"
+    env = fault_env(tmp_path, "os.kill(os.getpid(), signal.SIGTERM)", after_steps=5, rank=1, env=ENV)
+    stopped = run_train(workdir, *COMMON, *TENSOR_PARALLEL, f"--out_dir={out.name}", "--max_iters=9",
+                        launcher=standalone(2), env=env, check=False)
+    assert stopped.returncode != 0 and "stopped at iter 5" in stopped.stderr
+    run_train(workdir, *COMMON, *TENSOR_PARALLEL, f"--out_dir={out.name}", "--max_iters=6", "--init_from=resume",
+              launcher=standalone(2), env=ENV)
+    assert val_losses(out)[6] == pytest.approx(val_losses(reference)[6], abs=1e-5)
+    assert_same_weights(out / "ckpt_dcp", reference / "ckpt6.pt")
+
+
+def test_tensor_parallel_mistakes_are_clear_errors(workdir):
+    """Each check's message is in test_parallelism.py; here, that train.py stops with it, before any work."""
+    one_process = run_train(workdir, *TENSOR_PARALLEL, "--max_iters=1", "--out_dir=bad", check=False)
+    assert one_process.returncode != 0
+    assert "cannot be split into groups of tensor_parallel x pipeline_parallel = 2 x 1" in one_process.stderr
+    assert "Traceback" not in one_process.stderr
+
+
+@pytest.mark.extra
+def test_tensor_parallel_checks_stop_torchrun_before_any_work(workdir):
+    heads = run_train(workdir, *TENSOR_PARALLEL, "--n_head=1", "--max_iters=1", "--out_dir=bad",
+                      launcher=standalone(2), env=ENV, check=False)
+    assert heads.returncode != 0 and "n_head=1 must be divisible" in heads.stderr
+    assert 'train.py", line' not in heads.stderr
+
+
+# -----------------------------------------------------------------------------
+# Pipeline parallelism, alone and with data and tensor parallelism
+
+PIPELINE = ["--pipeline_parallel=2"]
+
+
+@pytest.fixture(scope="module")
+def pp_run(workdir):
+    """Two pipeline stages (one layer each), 1F1B over the 4 accumulation micro-batches, 6 iterations."""
+    out = run_train(workdir, *COMMON, *PIPELINE, "--out_dir=pp", "--max_iters=6", launcher=standalone(2), env=ENV)
+    assert "layers per stage 1,1, schedule 1f1b, 4 micro-batches per step; bubble 20.0%" in out.stdout
+    return workdir / "pp"
+
+
+def test_pipeline_matches_one_process(pp_run, reference):
+    """Tied embeddings across the two stages included: their gradients are summed between first and last."""
+    assert_losses_match(pp_run, reference)
+    assert_same_weights(pp_run / "ckpt_dcp", reference / "ckpt6.pt")
+    out = run_sample(pp_run.parent, f"--out_dir={pp_run.name}", "--start=ROMEO:", "--num_samples=1",
+                     "--max_new_tokens=20")
+    assert out.stdout.split("(meta.pkl)\n", 1)[1].startswith("ROMEO:")
+
+
+def test_pipeline_resumes_on_other_layouts(workdir, pp_run, reference):
+    """pp2 -> DDP over 2 processes, pp2 -> fsdp2 x pp2 (4 processes), one process -> pp2."""
+    resume_on_layouts(workdir, reference, pp_run, {"pp_to_ddp": ([], standalone(2)), "pp_to_fsdp_pp": (
+        ["--parallel=fsdp", *PIPELINE], standalone(4))})
+    resume_on_layouts(workdir, reference, reference / "ckpt6.pt", {"one_to_pp": (PIPELINE, standalone(2))})
+
+
+def test_interleaved_pipeline_matches_one_process(workdir):
+    """Two stages per rank (4 layers: stages 0 and 2 on rank 0, 1 and 3 on rank 1), an untied head."""
+    options = [*COMMON, "--n_layer=4", "--tie_embeddings=False", "--max_iters=3"]
+    run_train(workdir, *options, "--out_dir=four_layers")
+    out = run_train(workdir, *options, *PIPELINE, "--pipeline_schedule=interleaved_1f1b", "--out_dir=interleaved",
+                    launcher=standalone(2), env=ENV)
+    assert "2 ranks x 2 stage(s), layers per stage 1,1,1,1" in out.stdout and "bubble 11.1%" in out.stdout
+    assert val_losses(workdir / "interleaved") == pytest.approx(val_losses(workdir / "four_layers"), abs=1e-5)
+    assert_same_weights(workdir / "interleaved" / "ckpt_dcp", workdir / "four_layers" / "ckpt.pt")
+
+
+@pytest.mark.extra
+@pytest.mark.parametrize("options", [
+    ["--pipeline_schedule=gpipe"],
+    ["--parallel=ddp", "--nproc=4"],
+    ["--tensor_parallel=2", "--nproc=4"],
+], ids=["gpipe", "ddp2_x_pp2", "pp2_x_tp2"])
+def test_other_pipeline_layouts_match_one_process(workdir, reference, options):
+    nproc = 4 if "--nproc=4" in options else 2
+    options = [option for option in options if not option.startswith("--nproc")]
+    out = workdir / ("pp_" + "_".join(option.strip("-").replace("=", "") for option in options))
+    run_train(workdir, *COMMON, *PIPELINE, *options, f"--out_dir={out.name}", "--max_iters=6",
+              launcher=standalone(nproc), env=ENV)
+    assert_losses_match(out, reference)
+    assert_same_weights(out / "ckpt_dcp", reference / "ckpt6.pt")

@@ -119,9 +119,12 @@ def test_mfu_is_per_gpu_under_data_parallelism():
 
     model = tiny_model()
     flops_per_sequence = model.flops_per_token() * TINY.block_size
-    per_gpu = mfu_per_gpu(model, batch_size=12, accumulation_steps_per_rank=5, dt=0.5, peak_flops=1e12)
+    per_gpu = mfu_per_gpu(flops_per_sequence, sequences_per_rank=12 * 5, dt=0.5, peak_flops=1e12)
+    assert per_gpu == pytest.approx(model.estimate_mfu(12 * 5, 0.5, 1e12))
     assert per_gpu == pytest.approx(flops_per_sequence * 12 * 5 / 0.5 / 1e12)
-    assert mfu_per_gpu(model, 12, 5, 0.5, None) is None
+    assert mfu_per_gpu(flops_per_sequence, 60, 0.5, None) is None
+    # tensor or pipeline parallelism: 4 GPUs share each sequence's work
+    assert mfu_per_gpu(flops_per_sequence, 60, 0.5, 1e12, model_parallel=4) == pytest.approx(per_gpu / 4)
 
 
 def test_invalid_impl_names():

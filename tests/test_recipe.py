@@ -158,7 +158,7 @@ def sliding_window_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     for block in model.transformer.h:
         attn = block.attn
         h = block.ln_1(x)
-        q, k, v = attn.c_attn(h).view(*h.shape[:2], 3, attn.n_head, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = attn.c_attn(h).view(*h.shape[:2], 3, -1, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)
         rope = rotary_tables(positions, q.size(-1), model.config.rope_base)
         q, k = rotary(q, *rope), rotary(k, *rope)
