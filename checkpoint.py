@@ -196,10 +196,12 @@ def find(out_dir: str | Path, latest: bool) -> Checkpoint | None:
     out_dir = Path(out_dir)
     found = []
     for file, directory in ((CKPT_FILE, SHARDED_DIR), (LATEST_FILE, LATEST_SHARDED_DIR)):
-        if (out_dir / file).is_file():
-            found.append(read_checkpoint(out_dir / file, sharded=False))
-        elif (path := sharded_path(out_dir, directory)) is not None:
-            found.append(read_checkpoint(path, sharded=True))
+        # a run resumed on another layout writes the other form: the newer of the two is this slot's
+        forms = [read_checkpoint(out_dir / file, sharded=False)] if (out_dir / file).is_file() else []
+        if (path := sharded_path(out_dir, directory)) is not None:
+            forms.append(read_checkpoint(path, sharded=True))
+        if forms:
+            found.append(max(forms, key=lambda c: c.iter_num))
         if found and not latest:
             break
     return max(found, key=lambda c: c.iter_num) if found else None

@@ -144,11 +144,11 @@ def qkv_to_canonical(tensor: torch.Tensor, tensor_parallel: int) -> torch.Tensor
 
 
 def apply_tensor_parallel(model: GPT, mesh: DeviceMesh) -> None:
-    """Shard the model's layers across the ranks of a 1-D `mesh` (in place). Every rank must hold the
-    same weights beforehand (each keeps its slice, without communication)."""
+    """Shard the model's layers across the ranks of a 1-D `mesh` (in place), leaving each rank its slices.
+    Every rank builds the same weights beforehand (from the same seed)."""
     tensor_parallel = mesh.size()
     for block in blocks_of(model):
-        for name, param in block.attn.c_attn.named_parameters():
+        for param in block.attn.c_attn.parameters():
             with torch.no_grad():
                 param.copy_(qkv_to_rank_order(param, tensor_parallel))
         parallelize_module(block, mesh, {

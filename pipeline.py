@@ -86,15 +86,16 @@ class Stage(nn.Module):
     the last. Registers only the modules it runs, so that FSDP wraps exactly those; the pruned GPT (whose
     methods embed and head) is kept outside the module tree."""
 
-    def __init__(self, model: GPT, layers: range, first: bool, last: bool):
+    def __init__(self, model: GPT, layers: range, index: int, n_stages: int):
         super().__init__()
         self.__dict__["gpt"] = model  # not a submodule: it holds the other stages of this rank too
-        self.first, self.last = first, last
+        self.index, self.n_stages = index, n_stages
+        self.first, self.last = index == 0, index == n_stages - 1
         self.blocks = nn.ModuleList(model.transformer.h[str(i)] for i in layers)
         self.ends = nn.ModuleDict()
-        if first:
+        if self.first:
             self.ends.update({name: model.transformer[name] for name in ("wte", "wpe") if name in model.transformer})
-        if last:
+        if self.last:
             self.ends.update({"ln_f": model.transformer.ln_f, "lm_head": model.lm_head})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,7 @@ def split_model(model: GPT, layout: Layout, schedule: str, interleaved_stages: i
     if not last:
         del model.transformer["ln_f"]
         model.lm_head = None
-    stages = [Stage(model, layers[s], s == 0, s == n_stages - 1) for s in mine]
+    stages = [Stage(model, layers[s], s, n_stages) for s in mine]
     return model, stages
 
 
@@ -166,17 +167,13 @@ class Pipeline(nn.Module):
         self.model = model
         self.group = mesh["pipeline"].get_group()
         self.last_rank = layout.pipeline - 1  # the pipeline rank holding the last stage
-        per_rank = len(stages)
-        n_stages = layout.pipeline * per_rank
-        mine = [layout.pipeline_rank + k * layout.pipeline for k in range(per_rank)]
 
         def make_stages() -> list[PipelineStage]:
-            return [PipelineStage(stage, index, n_stages, device, group=self.group)
-                    for stage, index in zip(stages, mine)]
+            return [PipelineStage(stage, stage.index, stage.n_stages, device, group=self.group) for stage in stages]
 
         train_stages, eval_stages = make_stages(), make_stages()
         loss_fn = cross_entropy  # a mean: the schedule divides the gradients by the number of micro-batches
-        if per_rank == 1:
+        if len(stages) == 1:
             self.schedule = SCHEDULES[schedule](train_stages[0], n_microbatches=microbatches, loss_fn=loss_fn)
             self.eval_schedule = ScheduleGPipe(eval_stages[0], n_microbatches=1, loss_fn=loss_fn)
         else:

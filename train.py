@@ -220,8 +220,12 @@ try:
     pipeline.check_pipeline(model.config, layout, pipeline_schedule, pipeline_stages_per_rank, accumulation, dtype)
 except ValueError as error:
     fail(str(error))
-model.to(device)
 flops_per_sequence = model.flops_per_token() * model.config.block_size  # the whole model's, for the MFU
+stages = [model]  # what data parallelism wraps: the model, or this rank's pipeline stages
+if layout.pipeline > 1:
+    # every rank built the whole model (alike, from the seed) on the CPU; only its stages go to the device
+    model, stages = pipeline.split_model(model, layout, pipeline_schedule, pipeline_stages_per_rank)
+model.to(device)
 # dropout differs per data rank; the ranks of a tensor group hold the same activations, so draw the same masks
 torch.manual_seed(seed + layout.data_rank)
 try:
@@ -235,9 +239,6 @@ batches = training.Batches(splits, batch_size, block_size, device, seed)
 fsdp_engine = fsdp or (layout.model_parallel > 1 and layout.data > 1)
 choose_impls(model, batch_size, device, getattr(torch, dtype), ln_dtype=getattr(torch, dtype) if fsdp_engine else None)
 mesh = parallelism.build_mesh(layout, device_type) if dist.enabled else None
-stages = [model]  # what data parallelism wraps: the model, or this rank's pipeline stages
-if layout.pipeline > 1:
-    model, stages = pipeline.split_model(model, layout, pipeline_schedule, pipeline_stages_per_rank)
 if layout.tensor > 1:
     parallelism.apply_tensor_parallel(model, mesh["tensor"])
 if fsdp_engine:

@@ -144,9 +144,6 @@ def test_find_prefers_the_newer_of_best_and_latest(tmp_path):
 def test_sharded_checkpoints_load_in_either_optimizer_form(tmp_path, flat):
     """Sharded checkpoints key the optimizer's param groups by parameter name (flat); those written before
     pipeline parallelism keyed them by group number (nested). Both load into a plain model and AdamW."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
     from optim import build_optimizer
 
     def make_optimizer(model):
@@ -157,12 +154,7 @@ def test_sharded_checkpoints_load_in_either_optimizer_form(tmp_path, flat):
     optimizer = make_optimizer(model)
     model(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))[1].backward()
     optimizer.step()
-    options = StateDictOptions(flatten_optimizer_state_dict=flat)
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
-    path = tmp_path / ckpt.SHARDED_DIR
-    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
-    torch.save(ckpt.train_state(model, 1, 2.0, {}, {}, {}), path / ckpt.TRAIN_STATE)
+    path = save_sharded_in_one_process(tmp_path, model, optimizer, 1, flat)
     assert ckpt.optimizer_state_is_flat(path) == flat
 
     loaded = ckpt.build_model(ckpt.read_checkpoint(path, sharded=True), "sdpa", "torch", load_weights=False)
@@ -174,3 +166,31 @@ def test_sharded_checkpoints_load_in_either_optimizer_form(tmp_path, flat):
     assert actual["param_groups"] == expected["param_groups"]
     for index, state in expected["state"].items():
         torch.testing.assert_close(actual["state"][index]["exp_avg_sq"], state["exp_avg_sq"], rtol=0, atol=0)
+
+
+def save_sharded_in_one_process(out_dir, model, optimizer, iter_num, flat=True):
+    """A ckpt_dcp/ as a sharded run writes it (DCP also runs in one process, with a warning)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer,
+                                              options=StateDictOptions(flatten_optimizer_state_dict=flat))
+    path = out_dir / ckpt.SHARDED_DIR
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
+    torch.save(ckpt.train_state(model, iter_num, 2.0, {}, {}, {}), path / ckpt.TRAIN_STATE)
+    return path
+
+
+@pytest.mark.parametrize("plain_iter, sharded_iter", [(6, 9), (9, 6)])
+def test_find_takes_the_newer_of_a_plain_and_a_sharded_checkpoint(tmp_path, plain_iter, sharded_iter):
+    """A one-process run's ckpt.pt, resumed under FSDP, tensor or pipeline parallelism, gets a newer
+    ckpt_dcp/ beside it (and the other way round): resuming and sampling take the newer."""
+    model = GPT(TINY)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    state = ckpt.train_state(model, plain_iter, 1.0, {}, {}, ckpt.gather_rng_states(torch.device("cpu"), 1))
+    ckpt.save(tmp_path, False, model, optimizer, state, sharded=False, master=True)
+    save_sharded_in_one_process(tmp_path, model, optimizer, sharded_iter)
+    for latest in (True, False):
+        found = ckpt.find(tmp_path, latest=latest)
+        assert found.iter_num == 9 and found.sharded == (sharded_iter == 9)

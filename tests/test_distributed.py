@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from checkpoint import build_model, load_file, read_checkpoint
+from checkpoint import build_model, find, load_file, read_checkpoint
 from test_sample import run_sample
 from test_train import TINY, fault_env, metrics, run_train
 
@@ -24,6 +24,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # four micro-batches per iteration, so two per process with two: the accumulation path (no gradient sync on
 # the first micro-step, each rank's own micro-batches) runs in every layout; a clip that acts at every step
 COMMON = ["--eval_interval=3", "--gradient_accumulation_steps=4", "--grad_clip=0.5"]
+TENSOR_PARALLEL = ["--tensor_parallel=2"]
+PIPELINE = ["--pipeline_parallel=2"]
 
 
 def standalone(nproc: int, *options: str) -> list[str]:
@@ -165,17 +167,19 @@ def test_fsdp_resumes_with_another_number_of_processes(workdir, fsdp_run, refere
     assert val_losses(out) == pytest.approx({6: ref[6], 9: ref[9]}, abs=1e-5)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", pytest.param("tensor", marks=pytest.mark.extra),
+                                      pytest.param("pipeline", marks=pytest.mark.extra)])
 def test_elastic_restart_resumes_from_the_last_checkpoint(workdir, reference, parallel, tmp_path):
     """Rank 1 dies after 5 steps (checkpoint at 3); torchrun restarts both workers, which resume at 3 by themselves."""
     out = workdir / f"elastic_{parallel}"
     # without TORCH_DISABLE_SHARE_RDZV_TCP_STORE the restarted workers may dial the dead ones (docs/scaling.md)
     env = {**fault_env(tmp_path, "os._exit(1)", after_steps=5, rank=1, env=ENV), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    run_train(workdir, *COMMON, f"--out_dir={out.name}", "--max_iters=6", f"--parallel={parallel}",
+    layout = {"tensor": TENSOR_PARALLEL, "pipeline": PIPELINE}.get(parallel, [f"--parallel={parallel}"])
+    run_train(workdir, *COMMON, *layout, f"--out_dir={out.name}", "--max_iters=6",
               launcher=standalone(2, "--max-restarts=1"), env=env)
     assert [m for m in metrics(out) if "event" in m] == [{"iter": 3, "event": "resume", "restart": 1}]
     assert_losses_match(out, reference)
-    if parallel == "fsdp":
+    if parallel != "ddp":  # a sharded checkpoint
         run_train(workdir, f"--out_dir={out.name}", "--consolidate=True")
     ckpt = load_file(out / "ckpt.pt")
     # iterations 3 and on ran twice, but their first run's effect was lost with the worker: 6 steps in all
@@ -236,7 +240,6 @@ def test_parallel_mistakes_are_clear_errors(workdir):
 # -----------------------------------------------------------------------------
 # Tensor parallelism, alone and with a data-parallel dimension (4 processes)
 
-TENSOR_PARALLEL = ["--tensor_parallel=2"]
 
 
 @pytest.fixture(scope="module")
@@ -268,8 +271,9 @@ def resume_on_layouts(workdir, reference, saved: Path, runs: dict[str, tuple[lis
         run_train(workdir, *COMMON, *options, f"--out_dir={name}", "--max_iters=9", "--init_from=resume",
                   launcher=launcher, env=ENV)
         assert val_losses(out) == pytest.approx({6: ref[6], 9: ref[9]}, abs=1e-5), name
-        written = out / "ckpt.pt" if (out / "ckpt.pt").exists() else out / "ckpt_dcp"  # plain DDP writes ckpt.pt
-        assert_same_weights(written, reference / "ckpt.pt")
+        newest = find(out, latest=True)  # what a resume would take: ckpt.pt (one process, DDP) or ckpt_dcp/
+        assert newest.iter_num == 9
+        assert_same_weights(newest.path, reference / "ckpt.pt")
 
 
 def test_tensor_parallel_resumes_on_other_layouts(workdir, tp_run, reference):
@@ -350,7 +354,6 @@ def test_tensor_parallel_checks_stop_torchrun_before_any_work(workdir):
 # -----------------------------------------------------------------------------
 # Pipeline parallelism, alone and with data and tensor parallelism
 
-PIPELINE = ["--pipeline_parallel=2"]
 
 
 @pytest.fixture(scope="module")
@@ -371,10 +374,14 @@ def test_pipeline_matches_one_process(pp_run, reference):
 
 
 def test_pipeline_resumes_on_other_layouts(workdir, pp_run, reference):
-    """pp2 -> DDP over 2 processes, pp2 -> fsdp2 x pp2 (4 processes), one process -> pp2."""
-    resume_on_layouts(workdir, reference, pp_run, {"pp_to_ddp": ([], standalone(2)), "pp_to_fsdp_pp": (
-        ["--parallel=fsdp", *PIPELINE], standalone(4))})
+    """pp2 -> fsdp2 x pp2 (4 processes), one process -> pp2."""
+    resume_on_layouts(workdir, reference, pp_run, {"pp_to_fsdp_pp": (["--parallel=fsdp", *PIPELINE], standalone(4))})
     resume_on_layouts(workdir, reference, reference / "ckpt6.pt", {"one_to_pp": (PIPELINE, standalone(2))})
+
+
+@pytest.mark.extra
+def test_pipeline_checkpoint_resumes_without_a_pipeline(workdir, pp_run, reference):
+    resume_on_layouts(workdir, reference, pp_run, {"pp_to_ddp": ([], standalone(2))})
 
 
 def test_interleaved_pipeline_matches_one_process(workdir):
@@ -402,3 +409,14 @@ def test_other_pipeline_layouts_match_one_process(workdir, reference, options):
               launcher=standalone(nproc), env=ENV)
     assert_losses_match(out, reference)
     assert_same_weights(out / "ckpt_dcp", reference / "ckpt6.pt")
+
+
+@pytest.mark.extra
+def test_triton_kernels_run_on_the_local_shards(workdir):
+    """Our attention and norm kernels (Triton's interpreter on CPU) under tp2: each rank's heads only."""
+    kernels = ["--attn_impl=triton", "--ln_impl=triton", "--eval_iters=1", "--eval_interval=2", "--max_iters=2",
+               "--gradient_accumulation_steps=2"]
+    env = {**ENV, "TRITON_INTERPRET": "1"}
+    run_train(workdir, *kernels, "--out_dir=triton_one", env=env)
+    run_train(workdir, *kernels, *TENSOR_PARALLEL, "--out_dir=triton_tp", launcher=standalone(2), env=env)
+    assert val_losses(workdir / "triton_tp") == pytest.approx(val_losses(workdir / "triton_one"), abs=1e-5)
