@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 ATTN_IMPLS = ("auto", "eager", "sdpa", "triton")
 LN_IMPLS = ("auto", "torch", "triton")
+CE_IMPLS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -117,6 +118,16 @@ def resolve_ln_impl(ln_impl: str, dtype: torch.dtype, device: torch.device) -> s
     if ln_impl == "triton" and not kernels_module().can_run_on(device):
         raise kernels_module().cuda_required_error("ln_impl", device.type, "torch")
     return ln_impl
+
+
+def resolve_ce_impl(ce_impl: str, device: torch.device) -> str:
+    """As resolve_attn_impl, for the training loss: 'torch' (F.cross_entropy of the lm_head's logits) or
+    'triton' (the fused linear cross-entropy, which never holds the logits)."""
+    if ce_impl == "auto":
+        return "triton" if device.type == "cuda" and kernels_module().can_run_on(device) else "torch"
+    if ce_impl == "triton" and not kernels_module().can_run_on(device):
+        raise kernels_module().cuda_required_error("ce_impl", device.type, "torch")
+    return ce_impl
 
 
 def compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
@@ -280,11 +291,12 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(self.lm_head.weight)  # the untied head starts at uniform predictions
         self.set_impl(attn_impl, ln_impl)
 
-    def set_impl(self, attn_impl: str = "auto", ln_impl: str = "auto") -> None:
-        """Request attention and layer norm implementations (a run-time choice, not saved). They are
-        resolved when the model next runs, for the device it runs on (see resolve_impl)."""
+    def set_impl(self, attn_impl: str = "auto", ln_impl: str = "auto", ce_impl: str = "auto") -> None:
+        """Request attention, layer norm and training-loss implementations (a run-time choice, not saved).
+        They are resolved when the model next runs, for the device it runs on (see resolve_impl)."""
         self.attn_impl = check_impl("attn_impl", attn_impl, ATTN_IMPLS)
         self.ln_impl = check_impl("ln_impl", ln_impl, LN_IMPLS)
+        self.ce_impl = check_impl("ce_impl", ce_impl, CE_IMPLS)
         self.impl_device: torch.device | None = None  # where the resolved choice holds
         self.told_about_decoding = False
 
@@ -294,11 +306,14 @@ class GPT(nn.Module):
         head_dim = self.config.n_embd // self.config.n_head
         attn = resolve_attn_impl(self.attn_impl, head_dim, dtype, device)
         ln = resolve_ln_impl(self.ln_impl, dtype, device)
-        self.use_impl(attn, ln, device)
+        self.use_impl(attn, ln, device, resolve_ce_impl(self.ce_impl, device))
         return attn, ln
 
-    def use_impl(self, attn: str, ln: str, device: torch.device) -> None:
-        """Run these resolved implementations on `device` (e.g. the faster ones, as measured by select_impl)."""
+    def use_impl(self, attn: str, ln: str, device: torch.device, ce: str | None = None) -> None:
+        """Run these resolved implementations on `device` (e.g. the faster ones, as measured by select_impl);
+        ce=None keeps the training loss's."""
+        if ce is not None:
+            self.resolved_ce_impl = ce
         for module in self.modules():
             if isinstance(module, CausalSelfAttention):
                 module.impl = attn
@@ -354,6 +369,11 @@ class GPT(nn.Module):
             cache.length = start + t
         if targets is None:
             x = x[:, [-1], :]  # generation needs the last position only; the list index keeps the time dim
+        elif self.training and self.resolved_ce_impl == "triton":
+            # the loss and its gradients without the (B, T, vocab) logits; evaluation keeps returning them
+            loss = kernels_module().linear_cross_entropy(self.transformer.ln_f(x), self.lm_head.weight, targets,
+                                                         self.config.logit_softcap)
+            return None, loss
         logits = self.head(x)
         if targets is None:
             return logits, None

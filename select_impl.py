@@ -1,10 +1,11 @@
-"""Choose attention and layer norm implementations for a training run by timing them.
+"""Choose attention, layer norm and training-loss implementations for a training run by timing them.
 
 model.py resolves `auto` statically: the Triton kernels on CUDA where they support the shape and dtype.
 That says the kernel can run, not that it beats PyTorch's on this GPU at this run's shapes, so train.py
 calls choose_impls once at setup, after the model is on its device and before torch.compile (which must
-trace the chosen code) and DDP/FSDP. For each of attention and layer norm left at `auto` it checks that the
-kernel agrees with PyTorch's, times both (forward + backward) and keeps the faster. Forced choices
+trace the chosen code) and DDP/FSDP. For each of attention, layer norm and the loss (the fused linear
+cross-entropy against F.cross_entropy of the lm_head's logits) left at `auto` it checks that the kernel
+agrees with PyTorch's, times both (forward + backward) and keeps the faster. Forced choices
 ('eager', 'sdpa', 'torch', 'triton') are applied as they are, and off CUDA `auto` stays PyTorch's unless
 measure=True (the tests do that, under Triton's interpreter, with injected timings).
 """
@@ -48,6 +49,7 @@ def choose_impls(model: GPT, batch_size: int, device: torch.device | str, dtype:
     # The static rule first, on every rank: it validates forced choices (a clear error for 'triton' where
     # the kernels cannot run) and says where `auto` would take the kernel.
     attn, ln = model.resolve_impl(device, dtype)
+    ce = model.resolved_ce_impl
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank() == 0:
         try:
@@ -57,20 +59,22 @@ def choose_impls(model: GPT, batch_size: int, device: torch.device | str, dtype:
             if _should_measure(model.ln_impl, ln, measure):
                 ln_dtype = ln_dtype or _layer_norm(model).weight.dtype
                 ln = _choose_layer_norm(model, batch_size, device, ln_dtype, timer, log)
+            if _should_measure(model.ce_impl, ce, measure):
+                ce = _choose_cross_entropy(model, batch_size, device, dtype, timer, log)
         except BaseException:
             if distributed:  # tell the other ranks, which would otherwise wait in the broadcast below
-                dist.broadcast_object_list([None, None], src=0)
+                dist.broadcast_object_list([None, None, None], src=0)
             raise
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # hand the measurement's memory back before the run allocates
     if distributed:  # every rank must run the same code: DDP and FSDP expect identical graphs
-        choice = [attn, ln]
+        choice = [attn, ln, ce]
         dist.broadcast_object_list(choice, src=0)
         if choice[0] is None:
-            raise RuntimeError("rank 0 failed while choosing attn_impl/ln_impl (see its error)")
-        attn, ln = choice
-    model.use_impl(attn, ln, device)
+            raise RuntimeError("rank 0 failed while choosing attn_impl/ln_impl/ce_impl (see its error)")
+        attn, ln, ce = choice
+    model.use_impl(attn, ln, device, ce)
     return attn, ln
 
 
@@ -177,6 +181,29 @@ def _choose_layer_norm(model: GPT, batch_size: int, device: torch.device, dtype:
     # checked on the full shapes: no T x T reference here, and the weight gradients sum over all rows
     return _choose("ln_impl", "torch", torch_ln, triton, inputs=inputs, grad=grad, check_inputs=inputs,
                    check_grad=grad, names=names, eps=torch.finfo(dtype).eps, shapes=shapes, timer=timer, log=log)
+
+
+def _choose_cross_entropy(model: GPT, batch_size: int, device: torch.device, dtype: torch.dtype, timer: Timer,
+                          log: Callable[[str], None]) -> str:
+    cfg = model.config
+    rows, C, V, cap = batch_size * cfg.block_size, cfg.n_embd, cfg.vocab_size, cfg.logit_softcap
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(rows, C, device=device, dtype=dtype, generator=gen).requires_grad_()
+    weight = (0.02 * torch.randn(V, C, device=device, dtype=dtype, generator=gen)).requires_grad_()
+    targets = torch.randint(0, V, (rows,), device=device, generator=gen)
+    check_rows = min(rows, 256)  # the float64 reference holds check_rows x V logits
+
+    def torch_ce(x, weight):
+        return kernels_module().linear_cross_entropy_reference(x, weight, targets[: x.size(0)], cap)
+
+    def triton(x, weight):
+        return kernels_module().linear_cross_entropy(x, weight, targets[: x.size(0)], cap)
+
+    check = (x.detach()[:check_rows].requires_grad_(), weight)
+    shapes = f"{rows} rows x {C} -> vocab {V} {_name(dtype)}"
+    return _choose("ce_impl", "torch", torch_ce, triton, inputs=(x, weight), grad=torch.ones((), device=device),
+                   check_inputs=check, check_grad=torch.ones((), device=device), names=("loss", "dx", "dweight"),
+                   eps=torch.finfo(dtype).eps, shapes=shapes, timer=timer, log=log)
 
 
 def _choose(option: str, fallback: str, torch_fn: Callable, kernel_fn: Callable, *, inputs: tuple,

@@ -91,6 +91,7 @@ logit_softcap = 0.0  # 0: off; c: logits = c * tanh(logits / c)
 zero_init_proj = False  # zero-initialize the residual output projections
 attn_impl = "auto"  # 'auto', 'eager', 'sdpa' or 'triton'
 ln_impl = "auto"  # 'auto', 'torch' or 'triton'
+ce_impl = "auto"  # the training loss: 'auto', 'torch' or 'triton' (fused linear cross-entropy, no logits held)
 # adamw optimizer
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total number of training iterations
@@ -215,6 +216,12 @@ if block_size < model.config.block_size:
     model.crop_block_size(block_size)
 elif block_size > model.config.block_size:
     fail(f"block_size={block_size} is larger than the model's {model.config.block_size}")
+if layout.model_parallel > 1:
+    if ce_impl == "triton":
+        fail("ce_impl='triton' needs the whole lm_head in one process: tensor and pipeline parallel runs take the "
+             "loss of the lm_head's logits; use ce_impl='auto' or 'torch'")
+    ce_impl = "torch"
+model.set_impl(attn_impl, ln_impl, ce_impl)
 try:
     parallelism.check_tensor_parallel(model.config, layout.tensor, device_type, optimizer, dtype)
     pipeline.check_pipeline(model.config, layout, pipeline_schedule, pipeline_stages_per_rank, accumulation, dtype)

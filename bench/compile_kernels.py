@@ -43,7 +43,7 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # too big for the register file, and every loop iteration then goes through local memory.
 SPILL_LIMIT = 64
 ARCH_NAMES = {80: "sm_80 (A100)", 86: "sm_86 (RTX 30xx, A10)", 89: "sm_89 (L40, RTX 40xx)", 90: "sm_90 (H100, H200)"}
-KERNEL_MODULES = ("kernels.flash_attention", "kernels.layernorm")
+KERNEL_MODULES = ("kernels.flash_attention", "kernels.layernorm", "kernels.cross_entropy")
 
 
 class CompileOnlyDriver:
@@ -192,6 +192,16 @@ def compile_norm(recorder: Recorder, quick: bool):
         ln._backward(x, x, weight, mean, rstd, bias)
 
 
+def compile_cross_entropy(recorder: Recorder, quick: bool):
+    ce = importlib.import_module(KERNEL_MODULES[2])
+    cases = [(dtype, vocab, cap) for dtype in (torch.bfloat16, torch.float16, torch.float32)
+             for vocab in (50257, 50304, 128256) for cap in (0.0, 15.0)]
+    for dtype, vocab, cap in (cases[::4] if quick else cases):
+        recorder.case = f"{str(dtype).removeprefix('torch.')} V={vocab}{f' softcap={cap:g}' if cap else ''}"
+        logits = torch.empty(8, vocab, dtype=dtype)
+        ce.loss_and_logit_grads(logits, torch.zeros(8, dtype=torch.long), torch.empty(8), torch.ones(1), cap, -1)
+
+
 def problems(launch: Launch, capability: int) -> list[str]:
     found = [launch.error] if launch.error else []
     if launch.spill_bytes > SPILL_LIMIT:
@@ -212,6 +222,7 @@ def compile_all(capability: int, quick: bool) -> list[Launch]:
     with Recorder() as recorder:
         compile_attention(recorder, quick)
         compile_norm(recorder, quick)
+        compile_cross_entropy(recorder, quick)
     return recorder.launches
 
 

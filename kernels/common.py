@@ -1,8 +1,11 @@
-"""What the kernels share: whether Triton runs them in its interpreter, and the error for a device they
-cannot run on. Imports nothing from the rest of the project, so kernels/ stays usable on its own."""
+"""What the kernels share: whether Triton runs them in its interpreter, the error for a device they cannot
+run on, and rounding to a low-precision dtype as a GPU rounds. Imports nothing from the rest of the
+project, so kernels/ stays usable on its own."""
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 # The values Triton's getenv_bool (behind triton.knobs.env_bool) takes as true, compared ignoring case.
 # Triton strips no white space, so neither does env_flag: " 1" leaves the interpreter off.
@@ -40,3 +43,20 @@ def cuda_required_error(what: str, device_type: str, fallback: str | None = None
     return ValueError(f"{what}='triton' needs a CUDA GPU, but the tensors are on {device_type}; {fix} "
                       "TRITON_INTERPRET=1 before starting Python to run the kernels slowly in Triton's "
                       "interpreter (for testing)")
+
+
+@triton.jit
+def round_to(x, like_ptr, UPCAST: tl.constexpr):
+    """fp32 x rounded to the dtype of like_ptr's tensor, to nearest as a GPU rounds. Under the interpreter
+    (UPCAST) the result stays fp32, as its dots need, holding the rounded value: the tests then see the
+    GPU's precision. The interpreter's own cast to bfloat16 truncates, so it is rounded by hand there."""
+    dtype = like_ptr.dtype.element_ty
+    if not UPCAST:
+        rounded = x.to(dtype)
+    elif dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # to nearest, ties to even
+        rounded = bits.to(tl.float32, bitcast=True)
+    else:
+        rounded = x.to(dtype).to(tl.float32)
+    return rounded

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import can_run_on, cuda_required_error, interpreter_enabled
+from kernels.common import can_run_on, cuda_required_error, interpreter_enabled, round_to
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 128
@@ -57,23 +57,6 @@ def _load_tile(ptr, rows, cols, stride_t, stride_d, T, D, UPCAST: tl.constexpr):
     if UPCAST:  # the interpreter computes low-precision tl.dot wrongly
         tile = tile.to(tl.float32)
     return tile
-
-
-@triton.jit
-def _round_to(x, like_ptr, UPCAST: tl.constexpr):
-    """fp32 x rounded to the dtype of like_ptr's tensor, to nearest as a GPU rounds. Under the interpreter
-    (UPCAST) the result stays fp32, as its dots need, holding the rounded value: the tests then see the
-    GPU's precision. The interpreter's own cast to bfloat16 truncates, so it is rounded by hand there."""
-    dtype = like_ptr.dtype.element_ty
-    if not UPCAST:
-        rounded = x.to(dtype)
-    elif dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # to nearest, ties to even
-        rounded = bits.to(tl.float32, bitcast=True)
-    else:
-        rounded = x.to(dtype).to(tl.float32)
-    return rounded
 
 
 @triton.jit
@@ -127,7 +110,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, 
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p), p, 0.0)
-        acc = tl.dot(_round_to(p, v_ptr, UPCAST), v, acc * alpha[:, None], input_precision=PRECISION)
+        acc = tl.dot(round_to(p, v_ptr, UPCAST), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -168,7 +151,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
     out = acc * (keep_scale / l_i)[:, None]
     tl.store(o_ptr + rows[:, None] * stride_ot + offs_d[None, :] * stride_od,
-             _round_to(out, O, UPCAST).to(O.dtype.element_ty),
+             round_to(out, O, UPCAST).to(O.dtype.element_ty),
              mask=(rows[:, None] < T) & (offs_d[None, :] < D))
     tl.store(LSE + bh.to(tl.int64) * T + rows, m_i + tl.log2(l_i), mask=rows < T)
 
@@ -207,13 +190,13 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, 
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
             keep_t = _dropout_keep(seed, bh, rows[None, :], cols[:, None], T, dropout_p)
-            dv = tl.dot(_round_to(tl.where(keep_t, p_t * keep_scale, 0.0), do_ptr, UPCAST), do, dv,
+            dv = tl.dot(round_to(tl.where(keep_t, p_t * keep_scale, 0.0), do_ptr, UPCAST), do, dv,
                         input_precision=PRECISION)
             dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
         else:
-            dv = tl.dot(_round_to(p_t, do_ptr, UPCAST), do, dv, input_precision=PRECISION)
+            dv = tl.dot(round_to(p_t, do_ptr, UPCAST), do, dv, input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(_round_to(ds_t, q_ptr, UPCAST), q, dk, input_precision=PRECISION)
+        dk = tl.dot(round_to(ds_t, q_ptr, UPCAST), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -261,8 +244,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     mask = (cols[:, None] < T) & (offs_d[None, :] < D)
     offs = (b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
             + cols[:, None] * stride_gt + offs_d[None, :] * stride_gd)
-    tl.store(DK + offs, _round_to(dk * softmax_scale, DK, UPCAST).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + offs, _round_to(dv, DV, UPCAST).to(DV.dtype.element_ty), mask=mask)
+    tl.store(DK + offs, round_to(dk * softmax_scale, DK, UPCAST).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + offs, round_to(dv, DV, UPCAST).to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -282,7 +265,7 @@ def _bwd_dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_kd, str
         if DROPOUT:
             dp = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p), dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(_round_to(ds, k_ptr, UPCAST), k, dq, input_precision=PRECISION)
+        dq = tl.dot(round_to(ds, k_ptr, UPCAST), k, dq, input_precision=PRECISION)
     return dq
 
 
@@ -318,7 +301,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                        True, CAUSAL, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
     tl.store(DQ + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
              + rows[:, None] * stride_gt + offs_d[None, :] * stride_gd,
-             _round_to(dq * softmax_scale, DQ, UPCAST).to(DQ.dtype.element_ty),
+             round_to(dq * softmax_scale, DQ, UPCAST).to(DQ.dtype.element_ty),
              mask=(rows[:, None] < T) & (offs_d[None, :] < D))
 
 

@@ -23,6 +23,8 @@ SCRIPTS = {
     "train": (["model", "impl", "compile", "B", "T", "ms", "tok_s", "MFU_pct", "peak_MiB", "vs_sdpa", "vs_eager",
                "note"], 2),
     "sample": (["model", "new_tokens", "method", "exact", "s", "tok_s", "vs_nocache", "note"], 2 * 4 + 2 * 3),
+    "cross_entropy": (["impl", "rows", "width", "vocab", "ms", "peak_MiB", "logits_MiB", "vs_torch", "mem_vs_torch",
+                       "note"], 2 + 2 * 16),  # triton, torch measured; then the GPU shapes' arithmetic rows
 }
 
 
@@ -174,14 +176,14 @@ def test_script_runs_quick_and_writes_results(name, tmp_path):
     if not HAS_CUDA:
         assert len(printed) == n_rows
         assert all(row["note"] is None for row in record["rows"])
-        if name != "sample":
+        if name not in ("sample", "cross_entropy"):  # cross_entropy runs its kernel in the interpreter
             assert "triton: not run; the Triton kernels need a CUDA GPU" in out.stdout
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, args", [("attn", ["--head_dim", "64", "128"]),
                                         ("layernorm", ["--impl", "triton", "torch", "torch.compile"]),
-                                        ("train", ["--compile", "both"]), ("sample", [])])
+                                        ("train", ["--compile", "both"]), ("sample", []), ("cross_entropy", [])])
 def test_script_runs_the_triton_rows_on_gpu(name, args, tmp_path):
     run_script(name, tmp_path, *args)
     record = json.loads((tmp_path / f"{name}.json").read_text())
@@ -219,3 +221,11 @@ def test_recipe_bench_trains_both_recipes_on_train_py_functions(tmp_path):
     assert (tmp_path / "recipe.json").is_file()
     modern = recipe.recipes(ablation=False, quick=True)["modern"]
     assert modern["optimizer"] == "muon" and modern["pos_embedding"] == "rope" and modern["n_layer"] == 1
+
+
+def test_the_fused_cross_entropy_holds_less_than_torchs(tmp_path):
+    """Measured, not computed: the peak of what forward + backward allocate (the profiler's count on CPU)."""
+    run_script("cross_entropy", tmp_path)
+    rows = json.loads((tmp_path / "cross_entropy.json").read_text())["rows"]
+    peak = {row["impl"]: row["peak_MiB"] for row in rows if row.get("peak_MiB") is not None}
+    assert 0 < peak["triton"] < peak["torch"] / 2

@@ -113,3 +113,27 @@ def test_triton_impls_compile_into_one_graph_with_dropout():
         eager_logits, _ = model(data[:, :-1], data[:, 1:])
         compiled_logits, _ = compiled(data[:, :-1], data[:, 1:])
     assert torch.allclose(compiled_logits.float(), eager_logits.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 15.0])
+def test_fused_cross_entropy_trains_like_pytorch_and_eval_keeps_the_logits(softcap):
+    """ce_impl='triton': the training loss and every gradient as F.cross_entropy of the logits gives them,
+    no logits returned in training; in eval mode the logits come back, as evaluation and sampling need."""
+    config = GPTConfig(**{**vars(CONFIG), "logit_softcap": softcap})
+    data = torch.randint(0, config.vocab_size, (2, 38), generator=torch.Generator().manual_seed(1)).to(KERNEL_DEVICE)
+    x, y = data[:, :-1], data[:, 1:].clone()
+    y[0, 5] = -1  # an ignored target
+    results = {}
+    for ce_impl in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = GPT(config, "sdpa", "torch").to(KERNEL_DEVICE)
+        model.set_impl("sdpa", "torch", ce_impl)
+        logits, loss = model(x, y)
+        loss.backward()
+        results[ce_impl] = (logits, loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+        model.eval()
+        assert model(x, y)[0].shape == (2, 37, config.vocab_size)
+    assert results["triton"][0] is None and results["torch"][0] is not None
+    torch.testing.assert_close(results["triton"][1], results["torch"][1], rtol=1e-5, atol=1e-5)
+    for name, grad in results["torch"][2].items():
+        torch.testing.assert_close(results["triton"][2][name], grad, rtol=1e-4, atol=1e-6, msg=name)

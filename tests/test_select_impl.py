@@ -17,9 +17,11 @@ CONFIG = {"block_size": 32, "vocab_size": 65, "n_layer": 1, "n_head": 2, "n_embd
 BATCH = 2
 
 
-def tiny_model(attn_impl="auto", ln_impl="auto", bias=True):
+def tiny_model(attn_impl="auto", ln_impl="auto", bias=True, ce_impl="torch"):
     torch.manual_seed(0)
-    return GPT(GPTConfig(**CONFIG, bias=bias), attn_impl, ln_impl)
+    model = GPT(GPTConfig(**CONFIG, bias=bias))
+    model.set_impl(attn_impl, ln_impl, ce_impl)
+    return model
 
 
 class FakeTimer:
@@ -38,9 +40,10 @@ class FakeTimer:
         return self.ms[name]
 
 
-def timings(attn_triton=2.0, attn_sdpa=2.0, ln_triton=2.0, ln_torch=2.0, run=False):
+def timings(attn_triton=2.0, attn_sdpa=2.0, ln_triton=2.0, ln_torch=2.0, run=False, ce_triton=2.0,
+            ce_torch=2.0):
     ms = {"attn_impl=triton": attn_triton, "attn_impl=sdpa": attn_sdpa, "ln_impl=triton": ln_triton,
-          "ln_impl=torch": ln_torch}
+          "ln_impl=torch": ln_torch, "ce_impl=triton": ce_triton, "ce_impl=torch": ce_torch}
     return FakeTimer(ms, run)
 
 
@@ -243,14 +246,14 @@ def test_rank_0_measures_and_broadcasts_its_choice(one_process_group, broadcasts
     model = tiny_model()
     choice, lines = choose(model, timer=timings(attn_triton=1.0, ln_torch=1.0))
     assert choice == ("triton", "torch") == (model.resolved_attn_impl, model.resolved_ln_impl)
-    assert broadcasts == [(["triton", "torch"], 0)]
+    assert broadcasts == [(["triton", "torch", "torch"], 0)]  # and the loss's (ce_impl='torch' here)
     assert len(lines) == 2
 
 
 def test_forced_choices_are_broadcast_too(one_process_group, broadcasts):
     choice, _ = choose(tiny_model("eager", "triton"), timer=never_called)
     assert choice == ("eager", "triton")
-    assert broadcasts == [(["eager", "triton"], 0)]
+    assert broadcasts == [(["eager", "triton", "torch"], 0)]
 
 
 def test_when_rank_0_fails_it_releases_the_other_ranks_before_raising(one_process_group, broadcasts):
@@ -261,7 +264,7 @@ def test_when_rank_0_fails_it_releases_the_other_ranks_before_raising(one_proces
 
     with pytest.raises(RuntimeError, match="broken timer"):
         choose(tiny_model(), timer=broken)
-    assert broadcasts == [([None, None], 0)]
+    assert broadcasts == [([None, None, None], 0)]
 
 
 def pretend_to_be_rank_1(monkeypatch, rank_0_sends):
@@ -276,16 +279,17 @@ def pretend_to_be_rank_1(monkeypatch, rank_0_sends):
 
 
 def test_other_ranks_apply_rank_0s_choice_without_measuring_or_logging(monkeypatch):
-    pretend_to_be_rank_1(monkeypatch, ["triton", "triton"])
-    model = tiny_model()
+    pretend_to_be_rank_1(monkeypatch, ["triton", "triton", "triton"])
+    model = tiny_model(ce_impl="auto")
     choice, lines = choose(model, timer=never_called)
     assert choice == ("triton", "triton") == (model.resolved_attn_impl, model.resolved_ln_impl)
+    assert model.resolved_ce_impl == "triton"
     assert impls_in_layers(model) == {"triton"}
     assert lines == []
 
 
 def test_other_ranks_raise_when_rank_0_failed(monkeypatch):
-    pretend_to_be_rank_1(monkeypatch, [None, None])
+    pretend_to_be_rank_1(monkeypatch, [None, None, None])
     with pytest.raises(RuntimeError, match="rank 0 failed"):
         choose(tiny_model(), timer=never_called)
 
@@ -293,3 +297,23 @@ def test_other_ranks_raise_when_rank_0_failed(monkeypatch):
 def test_importing_needs_neither_the_kernels_nor_triton():
     code = "import sys, select_impl; assert not {'kernels', 'triton'} & set(sys.modules), sys.modules.keys()"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+
+
+@pytest.mark.parametrize("ce_ms, expected", [((1.0, 2.0), "triton"), ((2.0, 1.0), "torch")])
+def test_the_fused_cross_entropy_is_measured_too(ce_ms, expected):
+    """ce_impl='auto': the fused linear cross-entropy is checked against F.cross_entropy of the logits (on the
+    run's shapes: batch x block_size rows, the vocabulary) and kept when faster; training then uses it."""
+    model = tiny_model("sdpa", "torch", ce_impl="auto")
+    timer = timings(ce_triton=ce_ms[0], ce_torch=ce_ms[1], run=True)
+    choose(model, timer=timer)
+    assert timer.calls == ["ce_impl=triton", "ce_impl=torch"] and model.resolved_ce_impl == expected
+
+
+def test_a_fused_cross_entropy_that_disagrees_is_not_chosen(monkeypatch):
+    import kernels
+
+    model = tiny_model("sdpa", "torch", ce_impl="auto")
+    wrong = kernels.linear_cross_entropy
+    monkeypatch.setattr(kernels, "linear_cross_entropy", lambda x, w, t, cap: wrong(x, w, t, cap) * 1.01)
+    choice, lines = choose(model, timer=timings(ce_triton=0.1))
+    assert model.resolved_ce_impl == "torch" and "ce_impl=auto: triton disagrees: its loss" in lines[0]
