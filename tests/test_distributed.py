@@ -1,8 +1,9 @@
-"""train.py across processes on CPU, with gloo: DDP and FSDP against one process (with two micro-steps per
-rank), sharded checkpoints (read directly by one process and by sample.py, consolidated into ckpt.pt),
-resumes with another number of processes, SIGTERM stopping every rank at the same step, elastic restarts
-after a worker dies, and two "nodes" meeting through a c10d rendezvous. Faults come from outside train.py:
-a sitecustomize module in the workers."""
+"""train.py across processes on CPU, with gloo: DDP, FSDP, tensor and pipeline parallelism and their
+compositions against one process (with two micro-steps per rank), sharded checkpoints (read directly by one
+process and by sample.py, consolidated into ckpt.pt), resumes on other layouts, SIGTERM stopping every rank
+at the same step, elastic restarts after a worker dies, and two "nodes" meeting through a c10d rendezvous.
+Faults come from outside train.py: a sitecustomize module in the workers. Tests marked extra (4-process
+variants of covered cases) run with --extra."""
 import os
 import re
 import shutil
