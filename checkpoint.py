@@ -2,8 +2,9 @@
 
 - `ckpt.pt`: nanoGPT's format, one file: model, optimizer, model_args, iter_num, best_val_loss, config, plus
   keys of ours that nanoGPT ignores (scaler, rng, gelu_approximate, evals_since_best). One process and DDP.
-- `ckpt_dcp/`: the sharded form FSDP and tensor parallelism write: DCP shards of the model and optimizer, one file per rank, and
-  `train_state.pt` holding the rest. Any number of processes can read it back, one process included.
+- `ckpt_dcp/`: the sharded form FSDP, tensor and pipeline parallelism write: DCP shards of the model and
+  optimizer, one file per rank, and `train_state.pt` holding the rest. Any layout can read it back, one
+  process included.
 - With always_save_checkpoint=False, `ckpt.pt` (`ckpt_dcp/`) is the best model so far and is never
   overwritten by a worse one; the latest state, when it is newer, is `ckpt_latest.pt` (`ckpt_latest_dcp/`).
   init_from='resume' continues from whichever is newer; sample.py reads the best.
@@ -268,10 +269,12 @@ def load_weights_into(checkpoint: Checkpoint, model: torch.nn.Module, optimizer:
     """Load a checkpoint into a model and optimizer (see _load_weights_into). The optimizer keeps its own
     way of stepping: a saved param group says fused=True after a one-process run, which a tensor-parallel
     optimizer (optim.adamw) cannot do, and the reverse would make a one-process run step slowly."""
-    groups = optimizer.param_groups if optimizer is not None else []
-    implementation = [{key: group[key] for key in IMPLEMENTATION_KEYS if key in group} for group in groups]
+    if optimizer is None:
+        _load_weights_into(checkpoint, model, None, make_optimizer)
+        return
+    own = [{key: group[key] for key in IMPLEMENTATION_KEYS if key in group} for group in optimizer.param_groups]
     _load_weights_into(checkpoint, model, optimizer, make_optimizer)
-    for group, keys in zip(optimizer.param_groups if optimizer is not None else [], implementation):
+    for group, keys in zip(optimizer.param_groups, own):
         group.update(keys)
 
 

@@ -40,8 +40,7 @@ def adamw(groups: list[dict], learning_rate: float, betas: tuple[float, float], 
 def parameter_kind(param: torch.Tensor) -> tuple:
     """Which tensors one fused/foreach call can take together: plain ones, or DTensors of one mesh."""
     if isinstance(param, torch.distributed.tensor.DTensor):
-        mesh = param.device_mesh
-        return (tuple(mesh.mesh.flatten().tolist()), mesh.mesh_dim_names)
+        return (param.device_mesh,)  # meshes compare and hash by their ranks and dimension names
     return ()
 
 

@@ -250,12 +250,14 @@ def canonical_state(state: dict, tensor_parallel: int) -> dict:
 
 
 def canonical_placeholders(state: dict, tensor_parallel: int) -> dict:
-    """A copy of `state` for DCP to load into, with whole plain tensors where c_attn's are shards."""
+    """`state`, or for tensor parallelism a copy for DCP to load into with whole plain tensors where c_attn's
+    are shards."""
+    if tensor_parallel == 1:
+        return state
     state = _copy(state)
-    if tensor_parallel > 1:
-        for path in list(_qkv_paths(state)):
-            like = _get(state, path)
-            _set(state, path, torch.empty(like.shape, dtype=like.dtype, device=like.device_mesh.device_type))
+    for path in list(_qkv_paths(state)):
+        like = _get(state, path)
+        _set(state, path, torch.empty(like.shape, dtype=like.dtype, device=like.device_mesh.device_type))
     return state
 
 

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from model import GPT, LayerNorm, kernels_module
+from impls import kernels_module
+from model import GPT, LayerNorm
 
 # timer(name, fn) -> milliseconds that fn takes; name is the candidate, e.g. "attn_impl=triton" or
 # "ln_impl=torch", so that tests can answer per candidate without relying on the order of the calls.

@@ -187,7 +187,8 @@ def estimate_loss(model: torch.nn.Module, get_batch: Callable[[str, int], Batch]
                 _, loss = model(x, y)
             losses[k] = loss
         if world_size > 1:
-            torch.distributed.all_reduce(losses, group=group)  # each slot is nonzero on one rank only: the sum is exact
+            # each slot is nonzero on one rank only: the sum is exact
+            torch.distributed.all_reduce(losses, group=group)
         out[split] = losses[:eval_iters].mean().item()
     model.train(was_training)
     return out
