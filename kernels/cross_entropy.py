@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import can_run_on, cuda_required_error, interpreter_enabled, round_to
+from kernels.tuning import cross_entropy_configs, prune_cross_entropy_configs
 
 
 @triton.jit
@@ -32,6 +33,10 @@ def _capped(z, cap, SOFTCAP: tl.constexpr):
     return z
 
 
+# The vocabulary tile and warps are tuned once per vocabulary size; the kernel writes over its input, so
+# autotuning's trial launches restore the logits after each one.
+@triton.autotune(cross_entropy_configs(), key=["n_cols", "SOFTCAP"], restore_value=["LOGITS"],
+                 prune_configs_by={"early_config_prune": prune_cross_entropy_configs})
 @triton.jit
 def _ce_kernel(LOGITS, stride_row, TARGETS, LOSS, INV_COUNT, n_cols, ignore_index, cap,
                SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
@@ -63,24 +68,22 @@ def _ce_kernel(LOGITS, stride_row, TARGETS, LOSS, INV_COUNT, n_cols, ignore_inde
         tl.store(logits + cols, round_to(grad * scale, LOGITS, UPCAST).to(LOGITS.dtype.element_ty), mask=mask)
 
 
-def vocab_block(n_cols: int) -> int:
-    """The vocabulary tile: 4096 columns (16 KB of fp32 per row in registers/shared memory) on a GPU, less
-    in the interpreter, where every tile is a numpy array."""
-    return min(triton.next_power_of_2(n_cols), 256 if interpreter_enabled() else 4096)
-
-
 def chunk_rows(n_rows: int, width: int, vocab: int) -> int:
     """Rows per chunk: a chunk's logits (rows x vocab) about as large as x (n_rows x width)."""
     return max(1, triton.next_power_of_2(math.ceil(n_rows / math.ceil(vocab / width))))
 
 
 def loss_and_logit_grads(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, inv_count: torch.Tensor,
-                         cap: float, ignore_index: int) -> None:
+                         cap: float, ignore_index: int, config: tuple[int, int] | None = None) -> None:
     """The kernel over a chunk: each row's loss into `losses`, and over `logits` (rows, vocab) the gradient
-    of the mean loss (inv_count: 1 / the number of counted rows, a 1-element tensor)."""
-    vocab = logits.size(1)
-    _ce_kernel[(logits.size(0),)](logits, logits.stride(0), targets, losses, inv_count, vocab, ignore_index, cap,
-                                  SOFTCAP=cap > 0, BLOCK=vocab_block(vocab), UPCAST=interpreter_enabled())
+    of the mean loss (inv_count: 1 / the number of counted rows, a 1-element tensor). config: a
+    (vocabulary tile, warps) pair to launch with instead of the tuned one."""
+    args = (logits, logits.stride(0), targets, losses, inv_count, logits.size(1), ignore_index, cap)
+    meta = dict(SOFTCAP=cap > 0, UPCAST=interpreter_enabled())
+    if config is None:
+        _ce_kernel[(logits.size(0),)](*args, **meta)
+    else:
+        _ce_kernel.fn[(logits.size(0),)](*args, **meta, BLOCK=config[0], num_warps=config[1])
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -9,8 +9,13 @@ Nothing of size T x T is ever stored; the forward only saves the row logsumexp (
 The backward recomputes the probabilities tile by tile from Q, K and that logsumexp:
   P = exp(S - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = dS K,  dK = dS^T Q
 with delta = rowsum(dO * O) precomputed by a small kernel. One kernel holds a key tile and streams
-the queries (dK, dV); another holds a query tile and streams the keys (dQ). Each output tile has a
-single owner, so no atomics are needed.
+the queries past it, accumulating dK and dV, and adds each tile's share of dQ into an fp32 buffer with
+atomics: 5 matmuls and 1 exponential per score tile. Under torch.use_deterministic_algorithms, dQ
+instead gets a kernel of its own (holding a query tile, streaming the keys) that recomputes P: every
+output tile then has one owner and the gradients repeat bit for bit, for 2 more matmuls and a second
+exponential per tile (docs/kernels.md).
+
+Tile sizes, warps and stages are autotuned per launch from the spaces in kernels/tuning.py.
 
 Details:
 - Scores are computed in base 2: softmax_scale * log2(e) is folded into one multiply so the kernels
@@ -24,16 +29,44 @@ Details:
 - Matmuls take fp16/bf16 tiles natively with fp32 accumulation; all other math is in fp32.
 """
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.common import can_run_on, cuda_required_error, interpreter_enabled, round_to
+from kernels.tuning import Tiles, attention_configs, attention_space, sequence_bucket, target_arch
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 128
+_DELTA_ROWS = 64
+
+# Autotuning: a launch tunes once per key (with the tensors' dtypes, which Triton adds) and each kernel's
+# early_config_prune keeps the configurations of its own space (kernels/tuning.py).
+_TUNING_KEY = ["BLOCK_D", "CAUSAL", "DROPOUT", "PRECISION", "t_bucket"]
+
+
+def _space(kernel, named_args, kwargs):
+    tiles = attention_space(kernel, kwargs["BLOCK_D"], named_args["Q"].dtype, kwargs["DROPOUT"], target_arch(),
+                            kwargs["PRECISION"] == "tf32")
+    return {(t.held, t.streamed, t.warps, t.stages) for t in tiles}
+
+
+def _keep(configs, space, held_name, streamed_name):
+    return [c for c in configs if (c.kwargs[held_name], c.kwargs[streamed_name], c.num_warps, c.num_stages) in space]
+
+
+def _prune_forward(configs, named_args, **kwargs):
+    return _keep(configs, _space("forward", named_args, kwargs), "BLOCK_M", "BLOCK_N")
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    kernel = "backward" if kwargs["ATOMIC_DQ"] else "deterministic"
+    return _keep(configs, _space(kernel, named_args, kwargs), "BLOCK_N", "BLOCK_M")
+
+
+def _prune_dq(configs, named_args, **kwargs):
+    return _keep(configs, _space("deterministic", named_args, kwargs), "BLOCK_M", "BLOCK_N")
 
 
 @triton.jit
@@ -115,11 +148,13 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, 
     return acc, m_i, l_i
 
 
+@triton.autotune(attention_configs(("forward",), "BLOCK_M", "BLOCK_N"), key=_TUNING_KEY,
+                 prune_configs_by={"early_config_prune": _prune_forward})
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE,
                 stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
                 stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
-                H, T, D, qk_scale, SEED, dropout_p, keep_scale,
+                H, T, D, qk_scale, SEED, dropout_p, keep_scale, t_bucket,
                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if CAUSAL:  # the last query tiles see the most keys: launch them first, so the tail has the light ones
@@ -171,9 +206,9 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_od,
 
 
 @triton.jit
-def _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qd, stride_dot, stride_dod,
-                    cols, lo, hi, bh, T, D, qk_scale, seed, dropout_p, keep_scale,
-                    MASKED: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+def _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qt, stride_qd, stride_dot,
+                    stride_dod, cols, lo, hi, bh, T, D, softmax_scale, qk_scale, seed, dropout_p, keep_scale,
+                    MASKED: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     # Everything is computed transposed (keys along dim 0) so dK and dV accumulate without transposes.
     offs_d = tl.arange(0, BLOCK_D)
@@ -195,19 +230,28 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, 
             dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
         else:
             dv = tl.dot(round_to(p_t, do_ptr, UPCAST), do, dv, input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(round_to(ds_t, q_ptr, UPCAST), q, dk, input_precision=PRECISION)
+        ds_t = round_to(p_t * (dp_t - delta[None, :]), q_ptr, UPCAST)
+        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+        if ATOMIC_DQ:  # this key tile's share of dQ = dS K, added into fp32 dQ (padding keys have k = 0)
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION) * softmax_scale
+            tl.atomic_add(dq_ptr + rows[:, None] * D + offs_d[None, :], dq,
+                          mask=(rows[:, None] < T) & (offs_d[None, :] < D), sem="relaxed")
     return dk, dv
 
 
+# One kernel for both backward designs: the one-pass one adds dQ into DQ_ACC, which autotuning's trial
+# launches must find zeroed.
+@triton.autotune(attention_configs(("backward", "deterministic"), "BLOCK_N", "BLOCK_M"),
+                 key=_TUNING_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ_ACC"],
+                 prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA,
                      stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
                      stride_vb, stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
                      stride_gb, stride_gh, stride_gt, stride_gd,
-                     H, T, D, softmax_scale, qk_scale, SEED, dropout_p, keep_scale,
-                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                     H, T, D, softmax_scale, qk_scale, SEED, dropout_p, keep_scale, t_bucket,
+                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     h, b = tl.program_id(1), tl.program_id(2)
     bh = b * H + h
@@ -216,6 +260,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     do_ptr = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     lse_ptr = LSE + bh.to(tl.int64) * T
     delta_ptr = DELTA + bh.to(tl.int64) * T
+    dq_ptr = DQ_ACC + bh.to(tl.int64) * T * D  # contiguous (B, H, T, D) fp32, read only with ATOMIC_DQ
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_tile(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,
@@ -228,17 +273,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     # n0 cannot see this key tile, the query tiles in [n0, n0 + BLOCK_N) straddle the diagonal, and
     # every later query sees the whole tile.
     if CAUSAL:
-        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qd,
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qt, stride_qd,
                                  stride_dot, stride_dod, cols, n0, tl.minimum(n0 + BLOCK_N, T), bh, T, D,
-                                 qk_scale, seed, dropout_p, keep_scale,
-                                 True, DROPOUT, BLOCK_M, BLOCK_D, UPCAST, PRECISION)
+                                 softmax_scale, qk_scale, seed, dropout_p, keep_scale,
+                                 True, DROPOUT, ATOMIC_DQ, BLOCK_M, BLOCK_D, UPCAST, PRECISION)
         first_unmasked = n0 + BLOCK_N
     else:
         first_unmasked = 0
-    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qd,
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qt, stride_qd,
                              stride_dot, stride_dod, cols, first_unmasked, T, bh, T, D,
-                             qk_scale, seed, dropout_p, keep_scale,
-                             False, DROPOUT, BLOCK_M, BLOCK_D, UPCAST, PRECISION)
+                             softmax_scale, qk_scale, seed, dropout_p, keep_scale,
+                             False, DROPOUT, ATOMIC_DQ, BLOCK_M, BLOCK_D, UPCAST, PRECISION)
 
     # dK and dV share one layout (stride_g*), chosen by the launcher.
     mask = (cols[:, None] < T) & (offs_d[None, :] < D)
@@ -269,12 +314,14 @@ def _bwd_dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_kd, str
     return dq
 
 
+@triton.autotune(attention_configs(("deterministic",), "BLOCK_M", "BLOCK_N"), key=_TUNING_KEY,
+                 prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                    stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
                    stride_vb, stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
                    stride_gb, stride_gh, stride_gt, stride_gd,
-                   H, T, D, softmax_scale, qk_scale, SEED, dropout_p, keep_scale,
+                   H, T, D, softmax_scale, qk_scale, SEED, dropout_p, keep_scale, t_bucket,
                    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
@@ -316,70 +363,6 @@ def _dropout_mask_kernel(MASK, SEED, T, dropout_p, BLOCK: tl.constexpr):
              mask=(rows[:, None] < T) & (cols[None, :] < T))
 
 
-@dataclass(frozen=True)
-class Tiles:
-    """One kernel launch's tiling: a program holds `held` rows (queries in the forward and the dQ kernel, keys
-    in the dK/dV kernel) and streams the other side past them `streamed` rows at a time."""
-
-    held: int
-    streamed: int
-    warps: int
-    stages: int
-
-
-# Small tiles keep the interpreter fast and make T = tile +- 1 cheap to test.
-INTERPRETER_TILES = (Tiles(32, 16, 4, 1), Tiles(32, 16, 4, 1))
-
-
-def gpu_tiles(block_d: int, dtype: torch.dtype, dropout: bool, arch: int, allow_tf32: bool) -> tuple[Tiles, Tiles]:
-    """(forward, backward) tiles a GPU of compute capability `arch` (e.g. 90) launches.
-
-    The held tile is a multiple of the streamed one so that the causal diagonal band is a whole number
-    of streamed tiles. fp16/bf16 take the sizes commonly used for FlashAttention-2 in Triton; the rest
-    is sized so that no launch spills more than a few registers on sm_80, sm_89 or sm_90
-    (bench/compile_kernels.py checks every case). Dropout's Philox rounds need registers, so its forward gets 8 warps and
-    half-width key tiles. fp32 tiles take twice the bytes, and without TF32 their dots run on CUDA
-    cores with the operands in registers, so they are smaller again.
-    """
-    warps = 4 if block_d <= 64 else 8
-    if dtype == torch.float32:
-        if not allow_tf32:
-            return Tiles(32, 16, 8, 1), Tiles(32, 16, 8, 2)
-        return Tiles(64, 32, warps, 2), Tiles(32, 16, warps, 2)
-    if dropout:
-        fwd = Tiles(128, 32, 8, 3)
-    else:
-        # Before Hopper the score and output tiles of 4 warps fill all 255 registers and spill a little.
-        fwd = Tiles(128, 64, warps if arch >= 90 else 8, 3)
-    return fwd, Tiles(64, 32, warps, 2)
-
-
-def gpu_tile_choices() -> dict[tuple[Tiles, Tiles], tuple[int, torch.dtype, bool]]:
-    """Every (forward, backward) pair gpu_tiles can return on sm_80 to sm_90, each with one (block_d, dtype,
-    dropout) that picks it: what the tests run in the interpreter, so every tiling a GPU runs is checked."""
-    choices = {}
-    for arch in (80, 86, 89, 90):
-        for block_d in (16, 32, 64, 128):
-            for dtype in _SUPPORTED_DTYPES:
-                for dropout in (False, True):
-                    for allow_tf32 in (False, True):
-                        pair = gpu_tiles(block_d, dtype, dropout, arch, allow_tf32)
-                        choices.setdefault(pair, (block_d, dtype, dropout))
-    return choices
-
-
-def _choose_tiles(block_d: int, dtype: torch.dtype, dropout: bool) -> tuple[Tiles, Tiles]:
-    if interpreter_enabled():
-        return INTERPRETER_TILES
-    return gpu_tiles(block_d, dtype, dropout, _target_arch(), _dot_precision(dtype) == "tf32")
-
-
-@torch.compiler.assume_constant_result  # torch.compile folds it instead of tracing into Triton's driver
-def _target_arch():
-    """Compute capability Triton compiles for, e.g. 90 for sm_90 (an H100)."""
-    return triton.runtime.driver.active.get_current_target().arch
-
-
 def _dot_precision(dtype):
     # Only fp32 tiles are affected: like torch's own matmuls they use TF32 only when torch allows it.
     if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
@@ -397,55 +380,71 @@ def _block_d(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _forward(q, k, v, causal, softmax_scale, dropout_p, seed, tiles: Tiles):
+def _launch(kernel, grid, tiles, held_name, streamed_name, *args, **meta):
+    """Launch an autotuned kernel, or with `tiles` that tiling instead of the tuned one."""
+    if tiles is None:
+        kernel[grid](*args, **meta)
+    else:
+        kernel.fn[grid](*args, **meta, **{held_name: tiles.held, streamed_name: tiles.streamed},
+                        num_warps=tiles.warps, num_stages=tiles.stages)
+
+
+def _forward(q, k, v, causal, softmax_scale, dropout_p, seed, tiles: Tiles | None = None):
     B, H, T, D = q.shape
     out = _bthd_like(q)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(T, tiles.held), H, B)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, T, D, softmax_scale * math.log2(math.e), seed, dropout_p, 1.0 / (1.0 - dropout_p),
-        CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_M=tiles.held, BLOCK_N=tiles.streamed, BLOCK_D=_block_d(D),
-        UPCAST=interpreter_enabled() and q.dtype != torch.float32, PRECISION=_dot_precision(q.dtype),
-        num_warps=tiles.warps, num_stages=tiles.stages)
+    _launch(_fwd_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), H, B), tiles, "BLOCK_M", "BLOCK_N",
+            q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            H, T, D, softmax_scale * math.log2(math.e), seed, dropout_p, 1.0 / (1.0 - dropout_p), sequence_bucket(T),
+            CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_D=_block_d(D),
+            UPCAST=interpreter_enabled() and q.dtype != torch.float32, PRECISION=_dot_precision(q.dtype))
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, causal, softmax_scale, dropout_p, seed, tiles: Tiles):
+def _backward(do, q, k, v, out, lse, causal, softmax_scale, dropout_p, seed, deterministic: bool,
+              tiles: Tiles | None = None):
+    """dq, dk, dv. The one-pass design: one kernel per key tile computes dK and dV and adds its share of dQ
+    into an fp32 buffer with atomics (5 matmuls and 1 exponential per score tile), then one cast. Atomics
+    add in whatever order the programs finish, so dQ's last bits vary run to run; deterministic: a second
+    kernel per query tile recomputes the scores and owns dQ (7 matmuls and 2 exponentials, bit-exact)."""
     B, H, T, D = q.shape
     block_d = _block_d(D)
-    held, streamed = tiles.held, tiles.streamed
     delta = torch.empty_like(lse)
-    _bwd_delta_kernel[(triton.cdiv(T, held), H, B)](
-        out, do, delta, *out.stride(), *do.stride(), H, T, D, BLOCK_M=held, BLOCK_D=block_d)
+    _bwd_delta_kernel[(triton.cdiv(T, _DELTA_ROWS), H, B)](
+        out, do, delta, *out.stride(), *do.stride(), H, T, D, BLOCK_M=_DELTA_ROWS, BLOCK_D=block_d)
     dq, dk, dv = _bthd_like(q), _bthd_like(q), _bthd_like(q)
-    args = (H, T, D, softmax_scale, softmax_scale * math.log2(math.e), seed, dropout_p, 1.0 / (1.0 - dropout_p))
+    dq_acc = dq if deterministic else torch.zeros(B, H, T, D, dtype=torch.float32, device=q.device)
+    args = (H, T, D, softmax_scale, softmax_scale * math.log2(math.e), seed, dropout_p, 1.0 / (1.0 - dropout_p),
+            sequence_bucket(T))
     meta = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_D=block_d,
-                UPCAST=interpreter_enabled() and q.dtype != torch.float32, PRECISION=_dot_precision(q.dtype),
-                num_warps=tiles.warps, num_stages=tiles.stages)
+                UPCAST=interpreter_enabled() and q.dtype != torch.float32, PRECISION=_dot_precision(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride())
-    _bwd_dkdv_kernel[(triton.cdiv(T, held), H, B)](
-        q, k, v, do, dk, dv, lse, delta, *strides, *args, BLOCK_M=streamed, BLOCK_N=held, **meta)
-    _bwd_dq_kernel[(triton.cdiv(T, held), H, B)](
-        q, k, v, do, dq, lse, delta, *strides, *args, BLOCK_M=held, BLOCK_N=streamed, **meta)
+    _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), H, B), tiles, "BLOCK_N", "BLOCK_M",
+            q, k, v, do, dk, dv, dq_acc, lse, delta, *strides, *args, ATOMIC_DQ=not deterministic, **meta)
+    if deterministic:
+        _launch(_bwd_dq_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), H, B), tiles, "BLOCK_M", "BLOCK_N",
+                q, k, v, do, dq, lse, delta, *strides, *args, **meta)
+    else:
+        dq.copy_(dq_acc)
     return dq, dk, dv
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, dropout_p, softmax_scale, seed, tiles):
+    def forward(ctx, q, k, v, causal, dropout_p, softmax_scale, seed, deterministic, tiles):
         forward_tiles, ctx.backward_tiles = tiles
         out, lse = _forward(q, k, v, causal, softmax_scale, dropout_p, seed, forward_tiles)
         ctx.save_for_backward(q, k, v, out, lse, seed)
         ctx.causal, ctx.dropout_p, ctx.softmax_scale = causal, dropout_p, softmax_scale
+        ctx.deterministic = deterministic
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse, seed = ctx.saved_tensors
         dq, dk, dv = _backward(do, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed,
-                               ctx.backward_tiles)
-        return dq, dk, dv, None, None, None, None, None
+                               ctx.deterministic, ctx.backward_tiles)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def _seed_tensor(seed, device):
@@ -482,7 +481,7 @@ def _check_inputs(q, k, v, dropout_p, softmax_scale=None):
 
 
 def flash_attention(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, *, seed=None,
-                    tiles: tuple[Tiles, Tiles] | None = None):
+                    deterministic: bool | None = None, tiles: tuple[Tiles, Tiles] | None = None):
     """softmax(q k^T * softmax_scale) v with FlashAttention-2 kernels, like F.scaled_dot_product_attention.
 
     q, k, v: (B, H, T, D), any strides, fp16/bf16/fp32, 16 <= D <= 128. causal: query i attends to keys
@@ -491,8 +490,11 @@ def flash_attention(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, *, 
     generator that torch.manual_seed seeds: no host sync, and nothing for torch.compile to break its
     graph on, as the kernels read the seed from device memory. Returns (B, H, T, D),
     stored as (B, T, H, D) so that `out.transpose(1, 2).reshape(B, T, H * D)` does not copy.
-    tiles: (forward, backward) Tiles to launch with instead of this device's choice (tests run the GPU's
-    tilings in the interpreter with it).
+    deterministic: the backward's design (see _backward): None follows
+    torch.use_deterministic_algorithms, True gives bit-identical gradients run to run, False the faster
+    one-pass kernel whose dQ is summed with atomics.
+    tiles: (forward, backward) Tiles to launch with instead of the autotuned ones (tests run every tiling
+    of the GPU's spaces in the interpreter with it).
     """
     _check_inputs(q, k, v, dropout_p, softmax_scale)
     if softmax_scale is None:
@@ -503,9 +505,10 @@ def flash_attention(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, *, 
         seed_tensor = torch.randint(0, 2**31 - 1, (1,), device=q.device)
     else:
         seed_tensor = _seed_tensor(seed, q.device)
-    if tiles is None:
-        tiles = _choose_tiles(_block_d(q.shape[-1]), q.dtype, dropout_p > 0)
-    return _FlashAttention.apply(q, k, v, bool(causal), float(dropout_p), float(softmax_scale), seed_tensor, tiles)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return _FlashAttention.apply(q, k, v, bool(causal), float(dropout_p), float(softmax_scale), seed_tensor,
+                                 bool(deterministic), tiles or (None, None))
 
 
 def flash_attention_supported(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:

@@ -37,6 +37,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels.common import can_run_on, cuda_required_error
+from kernels.tuning import norm_configs, prune_norm_configs
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -48,7 +49,12 @@ _BWD_MAX_BLOCK_N = 4096
 # The final dweight/dbias reduction: 32 partial-sum rows of 128 columns per step (16 KiB of fp32).
 _SUM_BLOCK_G, _SUM_BLOCK_N = 32, 128
 
+# Each row kernel tunes its warps once per width, mode and dtype (kernels/tuning.py).
+_autotune = triton.autotune(norm_configs(), key=["N", "RMS"],
+                            prune_configs_by={"early_config_prune": prune_norm_configs})
 
+
+@_autotune
 @triton.jit
 def _fwd_kernel(X, W, B, Y, Mean, Rstd, stride_x, stride_y, N, eps,
                 RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -69,6 +75,7 @@ def _fwd_kernel(X, W, B, Y, Mean, Rstd, stride_x, stride_y, N, eps,
     tl.store(Rstd + row, rstd)
 
 
+@_autotune
 @triton.jit
 def _fwd_chunked_kernel(X, W, B, Y, Mean, Rstd, stride_x, stride_y, N, eps,
                         RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -107,6 +114,7 @@ def _fwd_chunked_kernel(X, W, B, Y, Mean, Rstd, stride_x, stride_y, N, eps,
     tl.store(Rstd + row, rstd)
 
 
+@_autotune
 @triton.jit
 def _bwd_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial,
                 stride_x, stride_dy, stride_dx, M, N, rows_per_program,
@@ -138,6 +146,7 @@ def _bwd_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial,
         tl.store(DB_partial + partial, db, mask=mask)
 
 
+@_autotune
 @triton.jit
 def _bwd_row_means_kernel(X, W, DY, Mean, Rstd, C1, C2, stride_x, stride_dy, N,
                           RMS: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -161,6 +170,7 @@ def _bwd_row_means_kernel(X, W, DY, Mean, Rstd, C1, C2, stride_x, stride_dy, N,
         tl.store(C2 + row, tl.sum(acc2, axis=0) / N)
 
 
+@_autotune
 @triton.jit
 def _bwd_chunked_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_partial,
                         stride_x, stride_dy, stride_dx, M, N, rows_per_program,
@@ -210,11 +220,16 @@ def _sum_partials_kernel(DW_partial, DB_partial, DW, DB, groups, N,
         tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=cols < N)
 
 
-def _block_config(n, max_block):
-    block = min(triton.next_power_of_2(n), max_block)
-    # About 8 to 16 elements per thread: enough work per thread, few enough registers.
-    num_warps = min(max(block // 256, 1), 16)
-    return block, num_warps
+def _block(n, max_block):
+    return min(triton.next_power_of_2(n), max_block)
+
+
+def _launch(kernel, grid, warps, *args, **meta):
+    """Launch an autotuned row kernel, or with `warps` that many warps instead of the tuned number."""
+    if warps is None:
+        kernel[grid](*args, **meta)
+    else:
+        kernel.fn[grid](*args, **meta, num_warps=warps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -231,23 +246,22 @@ def _row_groups(m, device):
     return triton.cdiv(m, rows_per_group), rows_per_group
 
 
-def _forward(x, weight, bias, eps, rms=False):
+def _forward(x, weight, bias, eps, rms=False, warps=None):
     """y, and each row's fp32 mean (None for RMSNorm, which has none) and 1/std."""
     m, n = x.shape
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     mean = None if rms else torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    block, num_warps = _block_config(n, _FWD_MAX_BLOCK_N)
+    block = _block(n, _FWD_MAX_BLOCK_N)
     kernel = _fwd_kernel if block >= n else _fwd_chunked_kernel
     # Pointers a launch never reads or writes (B without a bias, Mean under RMS) are filled with
     # another tensor of the launch.
-    kernel[(m,)](x, weight, weight if bias is None else bias, y, rstd if rms else mean, rstd,
-                 x.stride(0), y.stride(0), n, eps,
-                 RMS=rms, HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=num_warps)
+    _launch(kernel, (m,), warps, x, weight, weight if bias is None else bias, y, rstd if rms else mean, rstd,
+            x.stride(0), y.stride(0), n, eps, RMS=rms, HAS_BIAS=bias is not None, BLOCK_N=block)
     return y, mean, rstd
 
 
-def _backward(dy, x, weight, mean, rstd, bias):
+def _backward(dy, x, weight, mean, rstd, bias, warps=None):
     """dx in x's dtype, dweight and dbias (None without a bias) in the weight's and the bias's.
 
     mean is None for RMSNorm, as _forward returns it."""
@@ -259,22 +273,20 @@ def _backward(dy, x, weight, mean, rstd, bias):
     groups, rows_per_group = _row_groups(m, x.device)
     dw_partial = torch.empty(groups, n, dtype=torch.float32, device=x.device)
     db_partial = torch.empty_like(dw_partial) if has_bias else dw_partial
-    block, num_warps = _block_config(n, _BWD_MAX_BLOCK_N)
+    block = _block(n, _BWD_MAX_BLOCK_N)
     if block >= n:
-        _bwd_kernel[(groups,)](
-            x, weight, dy, dx, mean, rstd, dw_partial, db_partial,
-            x.stride(0), dy.stride(0), dx.stride(0), m, n, rows_per_group,
-            RMS=rms, HAS_BIAS=has_bias, BLOCK_N=block, num_warps=num_warps)
+        _launch(_bwd_kernel, (groups,), warps, x, weight, dy, dx, mean, rstd, dw_partial, db_partial,
+                x.stride(0), dy.stride(0), dx.stride(0), m, n, rows_per_group,
+                RMS=rms, HAS_BIAS=has_bias, BLOCK_N=block)
     else:
         c1 = torch.empty(m, dtype=torch.float32, device=x.device)
         c2 = c1 if rms else torch.empty(m, dtype=torch.float32, device=x.device)
-        _bwd_row_means_kernel[(m,)](x, weight, dy, mean, rstd, c1, c2,
-                                    x.stride(0), dy.stride(0), n,
-                                    RMS=rms, BLOCK_N=block, num_warps=num_warps)
-        _bwd_chunked_kernel[(groups, triton.cdiv(n, block))](
-            x, weight, dy, dx, mean, rstd, c1, c2, dw_partial, db_partial,
-            x.stride(0), dy.stride(0), dx.stride(0), m, n, rows_per_group,
-            RMS=rms, HAS_BIAS=has_bias, BLOCK_N=block, num_warps=num_warps)
+        _launch(_bwd_row_means_kernel, (m,), warps, x, weight, dy, mean, rstd, c1, c2,
+                x.stride(0), dy.stride(0), n, RMS=rms, BLOCK_N=block)
+        _launch(_bwd_chunked_kernel, (groups, triton.cdiv(n, block)), warps,
+                x, weight, dy, dx, mean, rstd, c1, c2, dw_partial, db_partial,
+                x.stride(0), dy.stride(0), dx.stride(0), m, n, rows_per_group,
+                RMS=rms, HAS_BIAS=has_bias, BLOCK_N=block)
     dweight = torch.empty_like(weight)
     dbias = None if bias is None else torch.empty_like(bias)
     _sum_partials_kernel[(triton.cdiv(n, _SUM_BLOCK_N),)](

@@ -2,8 +2,9 @@
 
 Without a GPU the kernels run in Triton's interpreter, by default with 32-row held tiles and 16-row streamed
 tiles, so T = 15, 16, 17, 31, 33 sit on either side of the tile edges; the cases are picked by hand to cover
-the edges without a slow cartesian product. Every tiling a GPU launches (gpu_tile_choices) also runs here,
-passed in through flash_attention's `tiles`, on lengths spanning several of its tiles with a ragged last one.
+the edges without a slow cartesian product. Every tiling of the GPU's autotuning spaces (kernels/tuning.py) also
+runs here, passed in through flash_attention's `tiles`, on lengths spanning several of its tiles with a ragged
+last one, in both backward designs (one-pass with atomic dQ, and deterministic).
 
 Low precision: the interpreter's dots take fp32 operands, so the kernels round P, dS and the outputs to
 bf16/fp16 themselves (to nearest, as a GPU does) and the errors measured are the GPU path's. What stays
@@ -21,7 +22,7 @@ from conftest import KERNEL_DEVICE
 
 import importlib
 
-from kernels import common
+from kernels import common, tuning
 from kernels.flash_attention import (_dropout_keep, attention_reference, dropout_mask, flash_attention,
                                      flash_attention_supported)
 
@@ -107,12 +108,31 @@ def test_low_precision_within_twice_pytorch_error(dtype, B, H, T, D, causal):
 # Every tiling a GPU launches, run numerically in the interpreter (the default tiles there are small ones)
 
 def _numeric_tilings():
-    """The GPU's (forward, backward) tile pairs that differ in their numbers (warps and stages change nothing
-    in the interpreter), each with the dtype and dropout setting that picks it on some GPU."""
-    tilings = {}
-    for (fwd, bwd), (_, dtype, dropout) in flash_module.gpu_tile_choices().items():
-        tilings.setdefault((fwd.held, fwd.streamed, bwd.held, bwd.streamed), ((fwd, bwd), dtype, dropout))
-    return [pytest.param(*value, id=f"fwd{k[0]}x{k[1]}-bwd{k[2]}x{k[3]}") for k, value in sorted(tilings.items())]
+    """Every tiling of the GPU's autotuning spaces that differs in its numbers (warps and stages change nothing
+    in the interpreter), each once: each backward tiling (one-pass and deterministic designs alike) paired
+    with a forward one so that every forward tiling runs too, with the dtype and dropout setting of a space
+    that holds them."""
+    cases = tuning.attention_space_cases()
+
+    def numeric(kernel):
+        distinct = {}
+        for tiles, (_, dtype, dropout, _, _) in cases[kernel].items():
+            distinct.setdefault((tiles.held, tiles.streamed), (tiles, dtype, dropout))
+        return sorted(distinct.values(), key=lambda value: (-value[0].held, -value[0].streamed))
+
+    forward = numeric("forward")
+    backward = sorted([(value, False) for value in numeric("backward")]
+                      + [(value, True) for value in numeric("deterministic")],
+                      key=lambda item: (-item[0][0].held, -item[0][0].streamed))
+    assert len(backward) >= len(forward)
+    params = []
+    for i, ((bwd, bwd_dtype, bwd_dropout), deterministic) in enumerate(backward):
+        # big tiles with big ones, so that no case runs small tiles over a length sized for 128-row ones
+        fwd, dtype, dropout = forward[i * len(forward) // len(backward)]
+        params.append(pytest.param(
+            (fwd, bwd), deterministic, dtype if dtype == bwd_dtype else torch.float32, dropout and bwd_dropout,
+            id=f"fwd{fwd.held}x{fwd.streamed}-{'det' if deterministic else 'bwd'}{bwd.held}x{bwd.streamed}"))
+    return params
 
 
 GPU_TILINGS = _numeric_tilings()
@@ -126,34 +146,61 @@ def tiling_lengths(tiles):
 
 
 def test_gpu_tilings_are_all_checked():
-    """The forward's 128-row tiles (fp16/bf16, with and without dropout) and the fp32 ones are all here."""
-    forward_tiles = {(tiles[0].held, tiles[0].streamed) for tiles, _, _ in (p.values for p in GPU_TILINGS)}
-    assert {(128, 64), (128, 32), (64, 32), (32, 16)} <= forward_tiles
+    """Every numerically distinct tiling of each kernel's space runs in the tests below, the 128-row held tiles
+    of the forward and of the one-pass backward among them."""
+    ran = {(p.values[0][0].held, p.values[0][0].streamed) for p in GPU_TILINGS}
+    ran_backward = {(p.values[0][1].held, p.values[0][1].streamed, p.values[1]) for p in GPU_TILINGS}
+    for kernel, tilings in tuning.attention_space_cases().items():
+        for tiles in tilings:
+            if kernel == "forward":
+                assert (tiles.held, tiles.streamed) in ran
+            else:
+                assert (tiles.held, tiles.streamed, kernel == "deterministic") in ran_backward
+    assert {(128, 64), (128, 32)} <= ran and (128, 32, False) in ran_backward
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("tiles,dtype,dropout", GPU_TILINGS)
-def test_gpu_tiling_fp32_matches_reference(tiles, dtype, dropout, causal):
+@pytest.mark.parametrize("tiles,deterministic,dtype,dropout", GPU_TILINGS)
+def test_gpu_tiling_fp32_matches_reference(tiles, deterministic, dtype, dropout, causal):
     for T in tiling_lengths(tiles):
         q, k, v, do = (randn(1, 2, T, 40, seed=s) for s in range(4))
-        actual = forward_backward(flash_attention, q, k, v, do, causal=causal, tiles=tiles)
+        actual = forward_backward(flash_attention, q, k, v, do, causal=causal, tiles=tiles, deterministic=deterministic)
         assert_matches(actual, reference64(q, k, v, do, causal=causal))
     if dropout and causal:  # the tiles dropout picks (Philox is slow in the interpreter: one head, one length)
         p, seed = 0.2, 77
         q, k, v, do = (randn(1, 1, T, 40, seed=s) for s in range(4))
-        actual = forward_backward(flash_attention, q, k, v, do, causal=causal, dropout_p=p, seed=seed, tiles=tiles)
+        actual = forward_backward(flash_attention, q, k, v, do, causal=causal, dropout_p=p, seed=seed, tiles=tiles,
+                                  deterministic=deterministic)
         mask = dropout_mask(seed, 1, 1, T, p, DEVICE)
         assert_matches(actual, reference64(q, k, v, do, causal=causal, dropout_mask=mask, dropout_p=p))
 
 
-@pytest.mark.parametrize("tiles,dtype,dropout", [p for p in GPU_TILINGS if p.values[1] != torch.float32])
+@pytest.mark.parametrize("tiles,deterministic,dtype,dropout", [p for p in GPU_TILINGS if p.values[2] != torch.float32])
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
-def test_gpu_tiling_low_precision_within_twice_pytorch_error(tiles, dtype, dropout, low):
+def test_gpu_tiling_low_precision_within_twice_pytorch_error(tiles, deterministic, dtype, dropout, low):
     T = tiling_lengths(tiles)[1]
     q, k, v, do = (randn(1, 2, T, 64, dtype=low, seed=s) for s in range(4))
-    actual = forward_backward(flash_attention, q, k, v, do, causal=True, tiles=tiles)
+    actual = forward_backward(flash_attention, q, k, v, do, causal=True, tiles=tiles, deterministic=deterministic)
     torch_low = forward_backward(attention_reference, q, k, v, do, causal=True)
     assert_flash_rule(actual, torch_low, reference64(q, k, v, do, causal=True))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_both_backward_designs_agree_and_the_deterministic_one_repeats_exactly(causal):
+    """The one-pass backward (dQ summed with atomics) and the deterministic one compute the same gradients;
+    torch.use_deterministic_algorithms picks the deterministic one, whose gradients repeat bit for bit."""
+    q, k, v, do = (randn(2, 2, 45, 40, seed=s) for s in range(4))
+    one_pass = forward_backward(flash_attention, q, k, v, do, causal=causal, deterministic=False)
+    assert_matches(one_pass, reference64(q, k, v, do, causal=causal))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [forward_backward(flash_attention, q, k, v, do, causal=causal) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b, c in zip(*runs, one_pass):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
 
 def test_custom_softmax_scale():
