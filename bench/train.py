@@ -10,8 +10,9 @@ Models: `gpt2` (GPT-2 124M, block 1024, micro-batch 12: train.py's defaults, lik
 `tiny` (for --quick). The models, batch sizes and optimizer settings are train.py's defaults (with the
 config file, for shakespeare_char), read from train.py itself; each step is training.train_step, the
 function train.py runs. Implementations: `eager` (hand-written attention, torch LayerNorm), `sdpa`
-(F.scaled_dot_product_attention, torch LayerNorm) and `triton` (our attention and LayerNorm kernels;
-CUDA only). Batches are random tokens, fixed for the run: throughput does not depend on the data.
+(F.scaled_dot_product_attention, torch LayerNorm), `triton` (our attention and LayerNorm kernels) and
+`triton+ce` (those and the fused linear cross-entropy); the last two CUDA only; every other row computes
+the loss with F.cross_entropy. Batches are random tokens, fixed for the run: throughput does not depend on the data.
 Each step is one micro-batch and one optimizer step; train.py accumulates gradients over several
 micro-batches per optimizer step, so there the optimizer's (constant) share of the time is smaller.
 Without CUDA the default is shakespeare_char at batch 4.
@@ -31,8 +32,9 @@ from model import GPT, SWITCHES, GPTConfig  # noqa: E402
 from optim import build_optimizer  # noqa: E402
 from training import train_step  # noqa: E402
 
-# impl -> (attn_impl, ln_impl) of the model
-IMPLS = {"eager": ("eager", "torch"), "sdpa": ("sdpa", "torch"), "triton": ("triton", "triton")}
+# impl -> (attn_impl, ln_impl, ce_impl) of the model
+IMPLS = {"eager": ("eager", "torch", "torch"), "sdpa": ("sdpa", "torch", "torch"),
+         "triton": ("triton", "triton", "torch"), "triton+ce": ("triton", "triton", "triton")}
 TRAIN_SCRIPT = common.REPO / "train.py"
 # name -> train.py's arguments for it
 MODELS = {
@@ -63,7 +65,8 @@ def bench_step(config: dict, model_cfg: GPTConfig, batch: int, impl: str, use_co
     """(ms per step, MFU %, peak MiB) of train.py's training step on one fixed random batch, with train.py's
     optimizer settings and one micro-batch per step."""
     torch.manual_seed(0)
-    model = GPT(model_cfg, *IMPLS[impl]).to(device)
+    model = GPT(model_cfg).to(device)
+    model.set_impl(*IMPLS[impl])
     device_type = device.split(":")[0]
     optimizer = build_optimizer(model, config["optimizer"], config["learning_rate"], config["weight_decay"],
                                 (config["beta1"], config["beta2"]), device_type, config["muon_lr"],
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     compiles = {"both": (False, True), "on": (True,), "off": (False,)}[args.compile or ("off" if args.quick else "both")]
     steps = args.steps or (2 if args.quick else 20 if gpu else 3)
     warmup = args.warmup or (1 if args.quick else 3)
-    impls = [name for name in args.impl if gpu or name != "triton"]
+    impls = [name for name in args.impl if gpu or not name.startswith("triton")]
     notes = []
     if len(impls) < len(args.impl):
         notes.append("triton: not run; the Triton kernels need a CUDA GPU")

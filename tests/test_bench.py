@@ -229,3 +229,41 @@ def test_the_fused_cross_entropy_holds_less_than_torchs(tmp_path):
     rows = json.loads((tmp_path / "cross_entropy.json").read_text())["rows"]
     peak = {row["impl"]: row["peak_MiB"] for row in rows if row.get("peak_MiB") is not None}
     assert 0 < peak["triton"] < peak["torch"] / 2
+
+
+def test_gpu_report_parts_fit_ten_minutes_and_cover_every_benchmark():
+    from bench import gpu_report
+
+    gpu_parts = gpu_report.parts(gpu=True)
+    assert sum(part.gpu_limit_s for part in gpu_parts) <= 600
+    assert {part.benchmark for part in gpu_parts} == {None, "attn", "layernorm", "cross_entropy", "train"}
+    assert all("--quick" in part.command for part in gpu_report.parts(gpu=False) if part.benchmark)
+
+
+def test_gpu_report_headlines_read_the_benchmarks_results():
+    from bench import gpu_report
+
+    measured = ((0.8, 150.0), (1.2, 310.0), (1.0, None))
+    attn_rows = [{"impl": "triton", "mode": "fwd+bwd", "vs_sdpa": v, "TFLOPS": t} for v, t in measured]
+    assert gpu_report.headline("attn", {"rows": attn_rows}) == "triton fwd+bwd vs sdpa: median 1x, best 310 TFLOPS"
+    no_triton = gpu_report.headline("layernorm", {"rows": [{"impl": "torch"}]})
+    assert no_triton == "Triton rows not run: they need a CUDA GPU"
+    train_rows = [{"model": "gpt2", "impl": "sdpa", "compile": True, "tok_s": 100.0},
+                  {"model": "gpt2", "impl": "triton+ce", "compile": False, "tok_s": 150.0},
+                  {"model": "gpt2", "impl": "eager", "compile": False, "tok_s": None}]
+    assert gpu_report.headline("train", {"rows": train_rows}) == "gpt2: fastest triton+ce 150 tok/s"
+
+
+def test_gpu_report_without_a_gpu_says_so_and_runs_the_cpu_parts(tmp_path):
+    from bench import gpu_report
+
+    if HAS_CUDA:
+        pytest.skip("the no-GPU mode")
+    assert gpu_report.main(["--out", str(tmp_path), "--only", "gpu_tests", "layernorm"]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "no GPU" in summary and "[layernorm.md](layernorm.md)" in summary
+    record = json.loads((tmp_path / "summary.json").read_text())
+    assert record["gpu"] is False and ENV_KEYS <= record["environment"].keys()
+    assert [(part["name"], part["status"]) for part in record["parts"]] == [
+        ("gpu tests", "skipped: no CUDA GPU"), ("layernorm", "ok")]
+    assert (tmp_path / "layernorm.json").exists() and (tmp_path / "logs" / "layernorm.log").exists()
