@@ -58,7 +58,7 @@ def attention_space(kernel: str, block_d: int, dtype: torch.dtype, dropout: bool
                     "backward": (Tiles(32, 16, 8, 2),) if wide else (Tiles(32, 16, 8, 2), Tiles(32, 16, 4, 2)),
                     "deterministic": (Tiles(32, 16, 8, 2),)}[kernel]
         return {"forward": (Tiles(64, 32, warps, 2), Tiles(32, 32, 4, 2)),
-                "backward": (Tiles(32, 16, warps, 2), Tiles(64, 32, 8, 2)),
+                "backward": (Tiles(32, 16, 8, 2),) if wide else (Tiles(32, 16, 4, 2), Tiles(64, 32, 8, 2)),
                 "deterministic": (Tiles(32, 16, warps, 2),)}[kernel]
     if kernel == "forward":
         if dropout:
@@ -66,10 +66,10 @@ def attention_space(kernel: str, block_d: int, dtype: torch.dtype, dropout: bool
         return (Tiles(128, 64, 8 if wide or arch < 90 else 4, 3), Tiles(128, 32, warps, 3),
                 Tiles(64, 64, 4, 3), Tiles(64, 32, 4, 4))
     if kernel == "backward":
-        if wide:
+        if wide:  # a 64-row key tile of 4 warps holding 128-wide dK and dV spills; 16-row query tiles do not
             if dropout:
-                return Tiles(64, 16, 4, 3), Tiles(64, 32, 4, 2)
-            return Tiles(128, 32, 8, 2), Tiles(64, 32, 4, 3)
+                return Tiles(64, 16, 4, 3), Tiles(64, 32, 8, 2)
+            return Tiles(128, 32, 8, 2), Tiles(64, 16, 4, 3)
         if dropout:
             return Tiles(128, 32, 8, 2), Tiles(64, 32, 4, 3)
         return Tiles(128, 32, 8, 2), Tiles(128, 64, 8, 2), Tiles(64, 32, 4, 3)

@@ -119,3 +119,38 @@ def test_cross_entropy_kernel_at_every_tile_of_its_space(block, warps):
     loss_and_logit_grads(grads, targets, losses, torch.tensor([0.5], device=KERNEL_DEVICE), 0.0, -1, (block, warps))
     torch.testing.assert_close(losses.sum().double() * 0.5, expected.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grads.double(), reference.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_autotuning_tunes_once_per_key_and_keeps_its_space():
+    """On a GPU: the first call with a new key times the space, a length in the same bucket reuses the choice,
+    and the choice is one of the launch's space."""
+    from kernels.flash_attention import flash_attention
+
+    kernel = flash_module._fwd_kernel
+    kernel.cache.clear()
+    for T in (1000, 900):  # one bucket (1024)
+        q = torch.randn(2, 4, T, 64, device="cuda", dtype=torch.bfloat16)
+        flash_attention(q, q, q, causal=True)
+    assert len(kernel.cache) == 1
+    q = torch.randn(2, 4, 3000, 64, device="cuda", dtype=torch.bfloat16)
+    flash_attention(q, q, q, causal=True)
+    assert len(kernel.cache) == 2
+    space = tuning.attention_space("forward", 64, torch.bfloat16, False, tuning.target_arch(), False)
+    assert all(tuning.config_tiles(c, "BLOCK_M", "BLOCK_N") in space for c in kernel.cache.values())
+
+
+@pytest.mark.gpu
+def test_gpu_backward_designs_agree_and_deterministic_repeats():
+    from kernels.flash_attention import flash_attention
+
+    q, k, v, do = (torch.randn(2, 6, 2048, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    grads = {}
+    for deterministic in (False, True, True):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        flash_attention(*leaves, causal=True, deterministic=deterministic).backward(do)
+        grads.setdefault(deterministic, []).append([x.grad for x in leaves])
+    first, second = grads[True]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    for a, b in zip(grads[False][0], first):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
