@@ -30,3 +30,14 @@ def test_kernels_compile_for_gpus_within_shared_memory_and_registers(tmp_path):
     # The attention matmuls must reach the tensor cores: wgmma on Hopper, mma before it.
     tensor_cores = {(row[0].strip(), row[7].strip()) for row in rows if row[1].strip() == "fwd_kernel"}
     assert ("sm_90", "wgmma") in tensor_cores and ("sm_80", "mma") in tensor_cores
+    # The attention backward's work, counted in the SASS (matmuls per score tile, exponentials per score): the
+    # one-pass kernel does FlashAttention-2's 5 and 1, the deterministic pair 4 + 3 and 1 + 1.
+    def work(case):
+        return {(row[0].strip(), row[1].strip()): (row[10].strip(), row[11].strip()) for row in rows
+                if row[2].strip() == case}
+
+    one_pass, deterministic = work("bfloat16 D=64 causal one-pass"), work("bfloat16 D=64 causal deterministic")
+    for arch in ("sm_90", "sm_80", "sm_89"):
+        assert one_pass[(arch, "bwd_dkdv_kernel")] == ("5", "1")
+        assert deterministic[(arch, "bwd_dkdv_kernel")] == ("4", "1")
+        assert deterministic[(arch, "bwd_dq_kernel")] == ("3", "1")
