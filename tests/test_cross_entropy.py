@@ -44,7 +44,7 @@ def test_fp32_matches_float64(rows, width, vocab, softcap):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows, width, vocab", SHAPES[1:])
+@pytest.mark.parametrize("rows, width, vocab", [SHAPES[1], SHAPES[3]])  # the fp32 test covers the ragged ones
 @pytest.mark.parametrize("softcap", [0.0, 15.0])
 def test_low_precision_within_twice_pytorchs_error(dtype, rows, width, vocab, softcap):
     x, weight, targets = inputs(rows, width, vocab, dtype)

@@ -374,13 +374,17 @@ def test_pipeline_matches_one_process(pp_run, reference):
     assert out.stdout.split("(meta.pkl)\n", 1)[1].startswith("ROMEO:")
 
 
-def test_pipeline_resumes_on_other_layouts(workdir, pp_run, reference):
-    """pp2 -> fsdp2 x pp2 (4 processes), one process -> pp2."""
-    resume_on_layouts(workdir, reference, pp_run, {"pp_to_fsdp_pp": (["--parallel=fsdp", *PIPELINE], standalone(4))})
+def test_pipeline_resumes_from_one_process(workdir, reference):
+    """one process (ckpt.pt) -> pp2."""
     resume_on_layouts(workdir, reference, reference / "ckpt6.pt", {"one_to_pp": (PIPELINE, standalone(2))})
 
 
 @pytest.mark.extra
+def test_pipeline_resumes_on_a_composed_layout(workdir, pp_run, reference):
+    """pp2 -> fsdp2 x pp2 (4 processes; the default run resumes tp2 on fsdp2 x tp2, and pp2 on DDP)."""
+    resume_on_layouts(workdir, reference, pp_run, {"pp_to_fsdp_pp": (["--parallel=fsdp", *PIPELINE], standalone(4))})
+
+
 def test_pipeline_checkpoint_resumes_without_a_pipeline(workdir, pp_run, reference):
     resume_on_layouts(workdir, reference, pp_run, {"pp_to_ddp": ([], standalone(2))})
 

@@ -92,12 +92,11 @@ def test_gpt2_bpe_and_stop_at_eot(tmp_path):
     assert samples(run_sample(tmp_path, *common, "--stop_at_eot=True").stdout) == ["Hello world"]
 
 
+# Every sampling setting's check and message is tested in-process in test_sampling.py; here one of them, and
+# sample.py's own, reach the user as one line without a traceback.
 @pytest.mark.parametrize("option,message", [
     ("--top_p=0", None),  # greedy, never a crash
-    ("--top_p=1.5", "top_p must be between 0 and 1"),
     ("--top_k=0", "top_k must be an integer >= 1"),
-    ("--temperature=-1", "temperature must be a number >= 0"),
-    ("--max_new_tokens=-3", "max_new_tokens must be an integer >= 0"),
     ("--num_samples=0", "num_samples must be an integer >= 1"),
 ])
 def test_sampling_settings_are_checked(char_run, option, message):

@@ -95,6 +95,12 @@ def test_bad_sampling_settings_are_clear_errors(temperature, top_k, top_p, messa
         sample_next_token(random_logits(), temperature, top_k, top_p)
 
 
+@pytest.mark.parametrize("max_new_tokens", [-3, 2.5])
+def test_bad_token_count_is_a_clear_error(max_new_tokens):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        check_sampling(1.0, None, None, max_new_tokens)
+
+
 # -----------------------------------------------------------------------------
 # The KV cache: every position's logits equal a full forward's, for every attention implementation
 
