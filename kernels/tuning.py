@@ -3,7 +3,7 @@
 Nobody on this project has timed these kernels on a GPU, so each launch measures a few configurations
 on the first call with a new key (head dim, dtype, causal, dropout and a sequence-length bucket for
 attention; the width and dtype for the norms; the vocabulary size for cross-entropy) and keeps the
-fastest for the rest of the process. Each space is small (2-4 configurations) and holds only what
+fastest for the rest of the process. Each space is small (1-4 configurations) and holds only what
 compiles for sm_80, sm_89 and sm_90 within shared memory and without spilling more than a few bytes:
 bench/compile_kernels.py compiles every configuration of every space (`attention_space_cases` lists
 them) and its committed report shows the result. The interpreter, which times nothing, gets one small
