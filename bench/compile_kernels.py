@@ -96,20 +96,21 @@ class Launch:
     error: str = ""
 
 
-def _cuobjdump(cubin: bytes, option: str) -> str:
+def _cuobjdump(cubin: bytes) -> str:
+    """cuobjdump's resource usage and SASS listing of a cubin, in one run."""
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([str(cuobjdump), option, f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(cuobjdump), "-res-usage", "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
 
 
-def _resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, stack + local bytes per thread) from cuobjdump.
+def _resource_usage(report: str) -> tuple[int, int]:
+    """(registers per thread, stack + local bytes per thread) from cuobjdump's report.
 
     Registers that do not fit are spilled to the thread's stack frame, which lives in (slow) local memory;
     these kernels keep no arrays there, so the stack is counted as spills."""
-    report = _cuobjdump(cubin, "-res-usage")
     match = re.search(r"REG:(\d+) STACK:(\d+) .*LOCAL:(\d+)", report)
     if match is None:
         raise RuntimeError(f"unexpected cuobjdump output:\n{report}")
@@ -127,11 +128,11 @@ def _work(instructions: list[str], warps: int) -> tuple[int, int, int]:
 
     HGMMA.MxNxK is issued by a warpgroup (4 warps) for an MxNxK product; HMMA.16816 / HMMA.1688 by each
     warp for m16 n8 k16 / k8."""
-    hgmma = [_HGMMA.search(i).groups() for i in instructions if _HGMMA.search(i)]
-    hmma = [_HMMA.search(i).groups() for i in instructions if _HMMA.search(i)]
+    text = "\n".join(instructions)
+    hgmma, hmma = _HGMMA.findall(text), _HMMA.findall(text)
     macs = sum(int(m) * int(n) * int(k) for m, n, k in hgmma) * (warps // 4)
     macs += sum(int(m) * int(n) * int(k) for m, n, k in hmma) * warps
-    return len(hgmma) + len(hmma), sum(bool(_EX2.search(i)) for i in instructions), macs
+    return len(hgmma) + len(hmma), len(_EX2.findall(text)), macs
 
 
 def sass_work(sass: str, warps: int) -> tuple[int, int, tuple[float, float] | None]:
@@ -199,11 +200,11 @@ class Recorder:
         blocks = " ".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in kwargs.items() if k in ("BLOCK_M", "BLOCK_N"))
         warps = compiled.metadata.num_warps
         tiles = f"{blocks} w{warps} s{compiled.metadata.num_stages}"
-        registers, spills = _resource_usage(compiled.asm["cubin"])
+        report = _cuobjdump(compiled.asm["cubin"])
+        registers, spills = _resource_usage(report)
         launch = Launch(name, self.case, tiles, registers, spills, compiled.metadata.shared,
                         _tensor_cores(compiled.asm["ttgir"]))
-        launch.mma_instructions, launch.ex2_instructions, per_iteration = sass_work(
-            _cuobjdump(compiled.asm["cubin"], "-sass"), warps)
+        launch.mma_instructions, launch.ex2_instructions, per_iteration = sass_work(report, warps)
         if {"BLOCK_M", "BLOCK_N", "BLOCK_D"} <= kwargs.keys() and per_iteration:  # attention: per score tile
             # without tensor cores (fp32 without TF32) the matmuls are FFMAs, not counted: "-"
             tile = kwargs["BLOCK_M"] * kwargs["BLOCK_N"]
