@@ -164,7 +164,8 @@ def test_gpu_tilings_are_all_checked():
 def test_gpu_tiling_fp32_matches_reference(tiles, deterministic, dtype, dropout, causal):
     for T in tiling_lengths(tiles):
         q, k, v, do = (randn(1, 2, T, 40, seed=s) for s in range(4))
-        actual = forward_backward(flash_attention, q, k, v, do, causal=causal, tiles=tiles, deterministic=deterministic)
+        actual = forward_backward(flash_attention, q, k, v, do, causal=causal, tiles=tiles,
+                                  deterministic=deterministic)
         assert_matches(actual, reference64(q, k, v, do, causal=causal))
     if dropout and causal:  # the tiles dropout picks (Philox is slow in the interpreter: one head, one length)
         p, seed = 0.2, 77
@@ -186,11 +187,21 @@ def test_gpu_tiling_low_precision_within_twice_pytorch_error(tiles, deterministi
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_both_backward_designs_agree_and_the_deterministic_one_repeats_exactly(causal):
+def test_both_backward_designs_agree_and_the_deterministic_one_repeats_exactly(causal, monkeypatch):
     """The one-pass backward (dQ summed with atomics) and the deterministic one compute the same gradients;
-    torch.use_deterministic_algorithms picks the deterministic one, whose gradients repeat bit for bit."""
+    torch.use_deterministic_algorithms picks the deterministic one (by default the one-pass one runs), whose
+    gradients repeat bit for bit. (The interpreter runs programs in order, so its atomics repeat too: which
+    design ran is checked directly.)"""
+    designs = []
+    backward = flash_module._backward
+
+    def recording_backward(*args):
+        designs.append(args[10])  # the `deterministic` argument
+        return backward(*args)
+
+    monkeypatch.setattr(flash_module, "_backward", recording_backward)
     q, k, v, do = (randn(2, 2, 45, 40, seed=s) for s in range(4))
-    one_pass = forward_backward(flash_attention, q, k, v, do, causal=causal, deterministic=False)
+    one_pass = forward_backward(flash_attention, q, k, v, do, causal=causal)
     assert_matches(one_pass, reference64(q, k, v, do, causal=causal))
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -198,6 +209,7 @@ def test_both_backward_designs_agree_and_the_deterministic_one_repeats_exactly(c
         runs = [forward_backward(flash_attention, q, k, v, do, causal=causal) for _ in range(2)]
     finally:
         torch.use_deterministic_algorithms(previous)
+    assert designs == [False, True, True]
     for a, b, c in zip(*runs, one_pass):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
