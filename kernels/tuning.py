@@ -96,9 +96,11 @@ def attention_space_cases() -> dict[str, dict[Tiles, tuple[int, torch.dtype, boo
 def attention_configs(kernels: tuple[str, ...], held_name: str, streamed_name: str) -> list[triton.Config]:
     """Every tiling of these attention kernels' spaces as triton.Configs (the launch's early_config_prune then
     keeps those of its own space), naming the held and streamed block sizes as the kernel does."""
-    cases = attention_space_cases()
-    all_tiles = [INTERPRETER_TILES] if interpreter_enabled() else list(dict.fromkeys(
-        tiles for kernel in kernels for tiles in cases[kernel]))
+    if interpreter_enabled():
+        all_tiles = [INTERPRETER_TILES]
+    else:
+        cases = attention_space_cases()
+        all_tiles = list(dict.fromkeys(tiles for kernel in kernels for tiles in cases[kernel]))
     return [triton.Config({held_name: t.held, streamed_name: t.streamed}, num_warps=t.warps, num_stages=t.stages)
             for t in all_tiles]
 
