@@ -1,49 +1,78 @@
 """GPT-2 weights in Hugging Face's format: import, export and download, checked against transformers.
 
+transformers runs in its own process (tests/transformers_side.py, under python -I), as in a user's
+environment: there the repository is not on sys.path, so transformers imports Hugging Face's `kernels`
+package, not our kernels/ folder. Tensors go back and forth as safetensors files.
+
 No network: the models are tiny random GPT-2s, and the hub is a local HTTP server."""
 import hashlib
 import http.server
+import importlib.util
 import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-transformers = pytest.importorskip("transformers")
-from safetensors.torch import save_file  # noqa: E402  (after the importorskip)
+import fileio
+from fileio import DownloadError
+from hf import GPT2_NAMES
+from model import GPT, GPTConfig, gelu_approximate, set_gelu_approximate
 
-import fileio  # noqa: E402
-from fileio import DownloadError  # noqa: E402
-from hf import GPT2_NAMES  # noqa: E402
-from model import GPT, GPTConfig, gelu_approximate, set_gelu_approximate  # noqa: E402
+if importlib.util.find_spec("transformers") is None:
+    pytest.skip("needs transformers (pip install -r tests/requirements.txt)", allow_module_level=True)
 
-transformers.logging.set_verbosity_error()
-
+TRANSFORMERS_SIDE = Path(__file__).parent / "transformers_side.py"
 TOL = 1e-4
-# Big enough weights that the exact and tanh GELUs differ by more than TOL in the logits (HF's default
-# initializer_range of 0.02 leaves the MLP inputs so small that they agree to ~1e-5).
-INIT_STD = 0.1
-
-
-def tiny_hf_config(**overrides) -> "transformers.GPT2Config":
-    args = dict(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=100, initializer_range=INIT_STD)
-    return transformers.GPT2Config(**{**args, "bos_token_id": None, "eos_token_id": None, **overrides})
-
-
-@torch.no_grad()
-def random_hf_model(seed: int = 0, **config) -> "transformers.GPT2LMHeadModel":
-    """A GPT2LMHeadModel with every parameter random, biases and layer norms included, so that a tensor
-    loaded into the wrong place or left untransposed shows in the logits."""
-    torch.manual_seed(seed)
-    hf = transformers.GPT2LMHeadModel(tiny_hf_config(**config)).eval()
-    for param in hf.parameters():
-        param.add_(torch.randn_like(param) * 0.05)
-    return hf
+INIT_STD = 0.1  # as transformers_side.py's: big enough that the exact and tanh GELUs differ by more than TOL
 
 
 def tokens(vocab_size: int = 100, block_size: int = 32) -> torch.Tensor:
     return torch.randint(0, vocab_size, (2, block_size), generator=torch.Generator().manual_seed(1))
+
+
+def run_transformers(jobs: list[dict], workdir: Path) -> None:
+    """Run transformers_side.py's jobs in one isolated process started outside the repository."""
+    jobs_file = workdir / "jobs.json"
+    jobs_file.write_text(json.dumps(jobs))
+    out = subprocess.run([sys.executable, "-I", str(TRANSFORMERS_SIDE), str(jobs_file)], cwd=workdir,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    if out.returncode:
+        pytest.fail(f"transformers_side.py failed:\n{out.stdout}\n{out.stderr}")
+
+
+@dataclass
+class HFModel:
+    directory: Path  # as GPT2LMHeadModel.save_pretrained wrote it
+    logits: torch.Tensor  # its logits for tokens(), computed by transformers
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory) -> dict[str, HFModel]:
+    """Random tiny GPT-2s made by transformers in one process: seed 0, the same model saved in shards of
+    100KB, and another one (seed 1)."""
+    root = tmp_path_factory.mktemp("transformers")
+    save_file({"tokens": tokens()}, root / "tokens.safetensors")
+    made = {"seed0": dict(seed=0), "sharded": dict(seed=0, max_shard_size="100KB"), "seed1": dict(seed=1)}
+    run_transformers([{"op": "make", "dir": str(root / name), "tokens": str(root / "tokens.safetensors"),
+                       "logits": str(root / f"{name}.logits.safetensors"), **spec} for name, spec in made.items()],
+                     root)
+    return {name: HFModel(root / name, load_file(root / f"{name}.logits.safetensors")["logits"]) for name in made}
+
+
+def transformers_logits(directory: Path, workdir: Path) -> torch.Tensor:
+    """GPT2LMHeadModel.from_pretrained(directory)'s logits for tokens(), in a stock transformers process."""
+    save_file({"tokens": tokens()}, workdir / "tokens.safetensors")
+    run_transformers([{"op": "logits", "dir": str(directory), "tokens": str(workdir / "tokens.safetensors"),
+                       "logits": str(workdir / "logits.safetensors")}], workdir)
+    return load_file(workdir / "logits.safetensors")["logits"]
 
 
 @torch.no_grad()
@@ -53,30 +82,33 @@ def our_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-@torch.no_grad()
-def hf_logits(hf, idx: torch.Tensor) -> torch.Tensor:
-    return hf(idx).logits
-
-
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+@torch.no_grad()
+def random_gpt(bias: bool = True) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=4, n_embd=64, bias=bias), "sdpa", "torch")
+    for param in model.parameters():
+        param.add_(torch.randn_like(param) * INIT_STD)
+    return model
+
+
 @pytest.fixture
-def hf_dir(tmp_path) -> tuple[Path, "transformers.GPT2LMHeadModel"]:
-    hf = random_hf_model()
-    hf.save_pretrained(tmp_path / "hf")
-    return tmp_path / "hf", hf
+def hf_dir(hf_models, tmp_path) -> tuple[Path, torch.Tensor]:
+    """A copy of the seed-0 model's directory (tests may edit it) and its logits."""
+    shutil.copytree(hf_models["seed0"].directory, tmp_path / "hf")
+    return tmp_path / "hf", hf_models["seed0"].logits
 
 
 def test_hf_to_ours_same_logits(hf_dir):
-    directory, hf = hf_dir
+    directory, expected = hf_dir
     model = GPT.from_pretrained(str(directory), attn_impl="sdpa", ln_impl="torch")
     assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (2, 4, 64)
     assert (model.config.block_size, model.config.vocab_size, model.config.bias) == (32, 100, True)
     assert gelu_approximate(model) == "tanh"  # HF's gelu_new
     idx = tokens()
-    expected = hf_logits(hf, idx)
     assert max_diff(our_logits(model, idx), expected) < TOL
     # The test can tell the two GELUs apart: with nanoGPT's exact GELU the logits are off.
     set_gelu_approximate(model, "none")
@@ -84,81 +116,64 @@ def test_hf_to_ours_same_logits(hf_dir):
 
 
 def test_eager_attention_and_dropout_override(hf_dir):
-    directory, hf = hf_dir
+    directory, expected = hf_dir
     model = GPT.from_pretrained(str(directory), dict(dropout=0.1), attn_impl="eager", ln_impl="torch")
     assert model.config.dropout == 0.1
-    idx = tokens()
-    assert max_diff(our_logits(model, idx), hf_logits(hf, idx)) < TOL  # eval(): dropout is off
+    assert max_diff(our_logits(model, tokens()), expected) < TOL  # eval(): dropout is off
 
 
 def test_ours_to_hf_same_logits(tmp_path):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=4, n_embd=64, bias=True), "sdpa", "torch")
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * INIT_STD)
+    model = random_gpt()
     model.save_pretrained(tmp_path / "export")
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
     assert config["n_positions"] == config["n_ctx"] == 32 and config["activation_function"] == "gelu"
     assert not list((tmp_path / "export").glob("*.tmp"))
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
-    idx = tokens()
-    assert max_diff(hf_logits(hf, idx), our_logits(model, idx)) < TOL
+    assert max_diff(transformers_logits(tmp_path / "export", tmp_path), our_logits(model, tokens())) < TOL
 
 
 def test_round_trip_keeps_tanh_gelu(hf_dir, tmp_path):
-    directory, hf = hf_dir
+    directory, expected = hf_dir
     model = GPT.from_pretrained(str(directory), attn_impl="sdpa", ln_impl="torch")
     model.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["activation_function"] == "gelu_new"
-    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "again").eval()
-    idx = tokens()
-    assert max_diff(hf_logits(reloaded, idx), hf_logits(hf, idx)) < TOL
+    assert max_diff(transformers_logits(tmp_path / "again", tmp_path), expected) < TOL
 
 
 def test_bias_false_exports_zero_biases(tmp_path):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=2, n_embd=64, bias=False), "sdpa", "torch")
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * INIT_STD)
+    model = random_gpt(bias=False)
     model.save_pretrained(tmp_path / "nobias")
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "nobias").eval()
-    idx = tokens()
-    expected = our_logits(model, idx)
-    assert max_diff(hf_logits(hf, idx), expected) < TOL
+    expected = our_logits(model, tokens())
+    assert max_diff(transformers_logits(tmp_path / "nobias", tmp_path), expected) < TOL
     back = GPT.from_pretrained(str(tmp_path / "nobias"), attn_impl="sdpa", ln_impl="torch")
     assert back.config.bias and gelu_approximate(back) == "none"
-    assert max_diff(our_logits(back, idx), expected) < TOL
+    assert max_diff(our_logits(back, tokens()), expected) < TOL
 
 
-def test_hub_layout_and_pytorch_bin(tmp_path):
+def test_hub_layout_and_pytorch_bin(hf_models, tmp_path):
     """The hub's files were saved from GPT2Model: no `transformer.` prefix, and causal-mask buffers."""
-    hf = random_hf_model()
-    state = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    made = hf_models["seed0"]
+    saved = load_file(made.directory / "model.safetensors")
+    state = {k.removeprefix("transformer."): v.contiguous() for k, v in saved.items() if k != "lm_head.weight"}
     mask = torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32)
     for layer in range(2):
         state[f"h.{layer}.attn.bias"] = mask.clone()
         state[f"h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
-    idx = tokens()
-    expected = hf_logits(hf, idx)
     for name, write in (("safetensors", save_file), ("bin", torch.save)):
         directory = tmp_path / name
         directory.mkdir()
-        hf.config.to_json_file(directory / "config.json")
+        shutil.copy(made.directory / "config.json", directory)
         write(state, directory / ("model.safetensors" if name == "safetensors" else "pytorch_model.bin"))
         model = GPT.from_pretrained(str(directory), attn_impl="sdpa", ln_impl="torch")
-        assert max_diff(our_logits(model, idx), expected) < TOL, name
+        assert max_diff(our_logits(model, tokens()), made.logits) < TOL, name
 
 
-def test_a_pytorch_bin_that_would_run_code_is_refused(tmp_path):
+def test_a_pytorch_bin_that_would_run_code_is_refused(hf_models, tmp_path):
     """Weights downloaded from someone else: pytorch_model.bin is read with weights_only=True."""
     from checkpoint import CheckpointError
     from test_checkpoint import CreatesAFile
 
-    hf = random_hf_model()
-    hf.config.to_json_file(tmp_path / "config.json")
+    shutil.copy(hf_models["seed0"].directory / "config.json", tmp_path)
     marker = tmp_path / "created_by_unpickling"
     torch.save({"wte.weight": CreatesAFile(marker)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"refusing to load .*pytorch_model\.bin"):
@@ -166,13 +181,11 @@ def test_a_pytorch_bin_that_would_run_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_sharded_safetensors(tmp_path):
-    hf = random_hf_model()
-    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
-    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
-    model = GPT.from_pretrained(str(tmp_path / "sharded"), attn_impl="sdpa", ln_impl="torch")
-    idx = tokens()
-    assert max_diff(our_logits(model, idx), hf_logits(hf, idx)) < TOL
+def test_sharded_safetensors(hf_models):
+    sharded = hf_models["sharded"]
+    assert (sharded.directory / "model.safetensors.index.json").is_file()
+    model = GPT.from_pretrained(str(sharded.directory), attn_impl="sdpa", ln_impl="torch")
+    assert max_diff(our_logits(model, tokens()), sharded.logits) < TOL
 
 
 # -----------------------------------------------------------------------------
@@ -243,25 +256,24 @@ def serve_gpt2(hub: "Server", cdn: "Server", files: dict[str, bytes], commit: st
 
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
+def hub(hf_models, tmp_path, monkeypatch):
     """A local stand-in for huggingface.co (and the CDN it redirects LFS files to) serving a tiny model as
-    openai-community/gpt2; yields (hub, cdn, files, the HF model, the cache directory)."""
-    hf = random_hf_model()
-    hf.save_pretrained(tmp_path / "tiny")
-    files = {name: (tmp_path / "tiny" / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    openai-community/gpt2; yields (hub, cdn, files, the model's logits, the cache directory)."""
+    made = hf_models["seed0"]
+    files = {name: (made.directory / name).read_bytes() for name in ("config.json", "model.safetensors")}
     hub_server, cdn = Server(), Server()
     serve_gpt2(hub_server, cdn, files)
     monkeypatch.delenv("TRITONGPT_HF_ENDPOINT", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
     monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "cache"))
-    yield hub_server, cdn, files, hf, tmp_path / "cache"
+    yield hub_server, cdn, files, made.logits, tmp_path / "cache"
     hub_server.close()
     cdn.close()
 
 
 def test_download_then_cache(hub):
-    hub_server, cdn, _, hf, cache = hub
+    hub_server, cdn, _, expected, cache = hub
     idx = tokens()
     model = GPT.from_pretrained("gpt2", dict(dropout=0.0), attn_impl="sdpa", ln_impl="torch")
     assert hub_server.paths() == [
@@ -272,10 +284,10 @@ def test_download_then_cache(hub):
     ]
     assert cdn.paths() == [f"/blob/{COMMIT}/model.safetensors"]
     assert sorted(p.name for p in (cache / "gpt2").iterdir()) == ["config.json", "model.safetensors"]
-    assert max_diff(our_logits(model, idx), hf_logits(hf, idx)) < TOL
+    assert max_diff(our_logits(model, idx), expected) < TOL
     again = GPT.from_pretrained("gpt2", attn_impl="sdpa", ln_impl="torch")
     assert len(hub_server.seen) == 4 and len(cdn.seen) == 1  # the second load reads the cache only
-    assert max_diff(our_logits(again, idx), hf_logits(hf, idx)) < TOL
+    assert max_diff(our_logits(again, idx), expected) < TOL
 
 
 def test_token_goes_to_the_hub_and_never_to_the_cdn(hub, monkeypatch):
@@ -299,14 +311,14 @@ def test_project_endpoint_overrides_hf_endpoint(hub, monkeypatch):
     ({"size": 123}, r"it has [\d,]+ bytes, expected 123"),
 ])
 def test_weights_that_do_not_match_the_listing_are_refused(hub, listed, message):
-    hub_server, cdn, files, hf, cache = hub
+    hub_server, cdn, files, expected, cache = hub
     serve_gpt2(hub_server, cdn, files, listed={"model.safetensors": listed})
     with pytest.raises(DownloadError, match=f"model.safetensors is corrupt: {message}"):
         GPT.from_pretrained("gpt2")
     assert not (cache / "gpt2" / "model.safetensors").exists()
     assert not (cache / "gpt2" / "model.safetensors.part").exists()  # deleted: a rerun starts afresh
     serve_gpt2(hub_server, cdn, files)  # the hub fixed: the rerun succeeds
-    assert max_diff(our_logits(GPT.from_pretrained("gpt2"), tokens()), hf_logits(hf, tokens())) < TOL
+    assert max_diff(our_logits(GPT.from_pretrained("gpt2"), tokens()), expected) < TOL
 
 
 def test_config_size_is_checked(hub):
@@ -319,7 +331,7 @@ def test_config_size_is_checked(hub):
 def test_rate_limits_and_server_errors_are_waited_out(hub, monkeypatch, capsys):
     """A 429 with Retry-After on the first API call, a 503 on the listing, a 429 with the hub's RateLimit
     header on the weights: the download waits as asked, says why, and finishes."""
-    hub_server, cdn, files, hf, _ = hub
+    hub_server, cdn, files, expected, _ = hub
     waits = []
     monkeypatch.setattr(fileio.time, "sleep", waits.append)
     repo = "/openai-community/gpt2"
@@ -330,7 +342,7 @@ def test_rate_limits_and_server_errors_are_waited_out(hub, monkeypatch, capsys):
     assert waits == [7.0, 1.0, 12.0]
     err = capsys.readouterr().err
     assert "HTTP 429" in err and "waiting 7s as the server asks" in err and "HTTP 503" in err
-    assert max_diff(our_logits(model, tokens()), hf_logits(hf, tokens())) < TOL
+    assert max_diff(our_logits(model, tokens()), expected) < TOL
 
 
 def test_waiting_is_bounded(hub, monkeypatch):
@@ -342,16 +354,15 @@ def test_waiting_is_bounded(hub, monkeypatch):
         GPT.from_pretrained("gpt2")
 
 
-def test_a_moving_main_cannot_mix_versions(hub, tmp_path):
+def test_a_moving_main_cannot_mix_versions(hub, hf_models):
     """main names COMMIT when the download starts; upstream then moves to another model. Every file comes
     from COMMIT, so the weights match the config they were listed with."""
-    hub_server, cdn, files, hf, _ = hub
-    other = random_hf_model(seed=1)
-    other.save_pretrained(tmp_path / "other")
-    serve_gpt2(hub_server, cdn, {name: (tmp_path / "other" / name).read_bytes() for name in files}, commit=MOVED)
+    hub_server, cdn, files, expected, _ = hub
+    other = hf_models["seed1"].directory
+    serve_gpt2(hub_server, cdn, {name: (other / name).read_bytes() for name in files}, commit=MOVED)
     hub_server.routes["/api/models/openai-community/gpt2/revision/main"] = (200, {}, json.dumps({"sha": COMMIT}).encode())
     model = GPT.from_pretrained("gpt2")
-    assert max_diff(our_logits(model, tokens()), hf_logits(hf, tokens())) < TOL
+    assert max_diff(our_logits(model, tokens()), expected) < TOL
     assert not any(MOVED in path or "/resolve/main/" in path for path in hub_server.paths() + cdn.paths())
 
 
