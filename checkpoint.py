@@ -9,8 +9,9 @@
   overwritten by a worse one; the latest state, when it is newer, is `ckpt_latest.pt` (`ckpt_latest_dcp/`).
   init_from='resume' continues from whichever is newer; sample.py reads the best.
 
-Loading never runs code: every file is read with torch.load(weights_only=True), and DCP's pickled
-metadata is checked by a restricted unpickler before DCP reads it. Our checkpoints hold only tensors,
+Loading never runs code: every file is read with torch.load(weights_only=True), DCP's pickled
+metadata is checked by a restricted unpickler before DCP reads it, a sharded checkpoint's model entries
+must be tensors, and its other entries are read with weights_only=True too. Our checkpoints hold only tensors,
 numbers, strings, lists and dicts; a file that needs more is refused with an error naming it.
 """
 import dataclasses
@@ -26,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.distributed.tensor
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -124,6 +127,20 @@ def read_metadata(path: Path):
     return _MetadataUnpickler(io.BytesIO((path / ".metadata").read_bytes())).load()
 
 
+class _PlainValuesLoadPlanner(dcp.DefaultLoadPlanner):
+    """DCP keeps a checkpoint's non-tensor entries (an optimizer's lr, betas, step counts) as torch.save
+    bytes and reads them back with torch.load(weights_only=False), which runs whatever a crafted entry
+    asks. This reads them with weights_only=True first: only tensors, numbers, strings, lists and dicts get
+    through (anything else is an UnpicklingError), and DCP's own reader then sees them re-saved by us."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        plain = torch.load(value, map_location="cpu", weights_only=True)
+        checked = io.BytesIO()
+        torch.save(plain, checked)
+        checked.seek(0)
+        super().load_bytes(read_item, checked)
+
+
 def optimizer_state_is_flat(path: Path) -> bool:
     """Whether a sharded checkpoint keys the optimizer's param groups by parameter name ("flat", what this
     version writes: each pipeline stage holds other parameters, so groups numbered per stage would clash)
@@ -140,12 +157,17 @@ def check_sharded(path: str | Path) -> None:
         raise CheckpointError(f"{path} is not a whole sharded checkpoint (no .metadata or {TRAIN_STATE}); delete it "
                               "and resume from another checkpoint")
     try:
-        read_metadata(path)
+        entries = read_metadata(path).state_dict_metadata
     except pickle.UnpicklingError as error:
         raise CheckpointError(f"refusing to load {metadata}: {error}; unpickling it could run code") from None
     except Exception as error:  # a torn pickle fails with almost any exception type
         raise CheckpointError(f"{metadata} is truncated or corrupt ({type(error).__name__}); delete {path} and "
                               "resume from another checkpoint") from None
+    not_tensors = [key for key, entry in entries.items()
+                   if key.startswith("model.") and not isinstance(entry, TensorStorageMetadata)]
+    if not_tensors:
+        raise CheckpointError(f"refusing to load {path}: its model entries must be tensors, and "
+                              f"{', '.join(not_tensors[:3])} are not; delete it and resume from another checkpoint")
 
 
 def check_train_state(state: dict, path: Path) -> dict:
@@ -299,7 +321,16 @@ def _load_weights_into(checkpoint: Checkpoint, model: torch.nn.Module, optimizer
                 model_state, optim_state = get_state_dict(model, optimizer, options=options)
                 template = {"model": model_state, "optimizer": optim_state}
             state = parallelism.canonical_placeholders(template, tensor_parallel)
-            dcp.load(state, checkpoint_id=checkpoint.path)
+            try:
+                dcp.load(state, checkpoint_id=checkpoint.path, planner=_PlainValuesLoadPlanner())
+            except CheckpointException as error:
+                unpickling = [e for e, _ in error.failures.values() if isinstance(e, pickle.UnpicklingError)]
+                if not unpickling:
+                    raise
+                raise CheckpointError(
+                    f"refusing to load {checkpoint.path}: an entry holds objects other than tensors, numbers, "
+                    f"strings, lists and dicts ({str(unpickling[0]).splitlines()[0]}), and unpickling those could "
+                    "run code. Only load checkpoints you trust; tritongpt checkpoints never need this") from None
             parallelism.rank_order_state(state, tensor_parallel, template)
             if optimizer is None:
                 set_model_state_dict(model, state["model"])

@@ -3,7 +3,8 @@
 A dataset is a directory, data/<name>, holding its tokens in one of two formats:
 
 - nanoGPT: train.bin and val.bin, raw uint16 token ids with no header, plus meta.pkl
-  ({'vocab_size', 'itos', 'stoi'}) when the vocabulary is characters rather than GPT-2 BPE.
+  ({'vocab_size', 'itos', 'stoi'}) when the vocabulary is characters rather than GPT-2 BPE (our prepare
+  scripts write the same vocabulary to meta.json too, which is what this project reads first).
 - llm.c / modded-nanogpt shards: *_train_*.bin and *_val_*.bin, each a header of 256 int32
   (magic 20240520, version 1, token count, the rest zero) followed by the uint16 tokens.
   A split may span many shards; they are read in name order.
@@ -11,6 +12,7 @@ A dataset is a directory, data/<name>, holding its tokens in one of two formats:
 TokenSplit samples training windows from either, the way nanoGPT does: a fresh np.memmap per
 batch, random offsets drawn from a torch.Generator the caller owns.
 """
+import json
 import pickle
 import shlex
 from pathlib import Path
@@ -119,27 +121,83 @@ def raw_token_count(path: str | Path) -> int:
     return size // np.dtype(TOKEN_DTYPE).itemsize
 
 
-def write_meta(path: str | Path, meta: dict) -> None:
-    """Pickle a char dataset's meta.pkl exactly as nanoGPT does (default protocol)."""
-    with atomic_open(path) as f:
+META_JSON = "meta.json"  # ours: plain JSON, which cannot carry code
+META_PKL = "meta.pkl"  # nanoGPT's, written too so that nanoGPT's scripts read our datasets
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """Unpickles plain data only. A pickle can call a function only after naming it (find_class), and this
+    names none, so nothing in the file can run; nanoGPT's meta.pkl, a dict of ints and strings, loads."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"it names {module}.{name}, and a dataset meta file holds plain data only")
+
+
+def write_meta(data_dir: str | Path, meta: dict) -> None:
+    """A char dataset's vocabulary: meta.json (what this project reads) and meta.pkl pickled exactly as
+    nanoGPT does (default protocol), for nanoGPT's train.py and sample.py."""
+    data_dir = Path(data_dir)
+    itos = [meta["itos"][i] for i in range(meta["vocab_size"])]
+    with atomic_open(data_dir / META_JSON) as f:
+        f.write(json.dumps({"vocab_size": meta["vocab_size"], "itos": itos}, ensure_ascii=False).encode())
+    with atomic_open(data_dir / META_PKL) as f:
         pickle.dump(meta, f)
 
 
+def remove_meta(data_dir: str | Path) -> list[Path]:
+    """Delete a dataset's vocabulary files (a dataset re-made with GPT-2 BPE has none); returns those deleted."""
+    removed = [Path(data_dir) / name for name in (META_JSON, META_PKL) if (Path(data_dir) / name).exists()]
+    for path in removed:
+        path.unlink()
+    return removed
+
+
+def _read_meta_json(path: Path) -> dict:
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict) or not isinstance(raw.get("itos"), list):
+        raise ValueError("expected an object with 'vocab_size' and an 'itos' list")
+    return {"vocab_size": raw.get("vocab_size"), "itos": dict(enumerate(raw["itos"])),
+            "stoi": {ch: i for i, ch in enumerate(raw["itos"])}}
+
+
+def _read_meta_pkl(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return _NoGlobalsUnpickler(f).load()
+
+
+def _check_meta(meta: object) -> None:
+    """nanoGPT's shape: vocab_size, itos (id -> character) and stoi (its inverse), ids 0..vocab_size-1."""
+    if not isinstance(meta, dict) or type(meta.get("vocab_size")) is not int or meta["vocab_size"] < 1:
+        raise ValueError("expected a dict with an int 'vocab_size' >= 1")
+    itos, stoi = meta.get("itos"), meta.get("stoi")
+    if not isinstance(itos, dict) or not isinstance(stoi, dict):
+        raise ValueError("expected 'itos' and 'stoi' dicts")
+    if sorted(itos) != list(range(meta["vocab_size"])) or not all(isinstance(ch, str) for ch in itos.values()):
+        raise ValueError(f"'itos' must map each id 0..{meta['vocab_size'] - 1} to a string")
+    if stoi != {ch: i for i, ch in itos.items()}:
+        raise ValueError("'stoi' is not the inverse of 'itos'")
+
+
 def load_meta(data_dir: str | Path) -> dict | None:
-    """meta.pkl's contents (vocab_size, itos, stoi), or None for datasets without one (GPT-2 BPE)."""
-    path = Path(data_dir) / "meta.pkl"
-    if not path.exists():
-        return None
-    fix = f"delete it and re-create the dataset with `{prepare_command(Path(data_dir).name)}`"
-    try:
-        with open(path, "rb") as f:
-            meta = pickle.load(f)
-    # Unpickling garbage can fail with almost any exception type, all meaning the same thing here.
-    except Exception as e:
-        raise ValueError(f"{path} is corrupt ({type(e).__name__}: {e}); {fix}") from e
-    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
-        raise ValueError(f"{path} is not a dataset meta file (expected a dict with an int 'vocab_size'); {fix}")
-    return meta
+    """A char dataset's vocabulary (vocab_size, itos, stoi) from meta.json or nanoGPT's meta.pkl, or None
+    for datasets without one (GPT-2 BPE). Reading either runs no code; when both are there they must agree."""
+    data_dir = Path(data_dir)
+    fix = f"delete it and re-create the dataset with `{prepare_command(data_dir.name)}`"
+    found = {}
+    for name, read in ((META_JSON, _read_meta_json), (META_PKL, _read_meta_pkl)):
+        path = data_dir / name
+        if not path.exists():
+            continue
+        try:
+            found[name] = read(path)
+            _check_meta(found[name])
+        # Reading damaged bytes fails with almost any exception type, all meaning the same thing here.
+        except Exception as e:
+            raise ValueError(f"{path} is not a usable dataset vocabulary ({type(e).__name__}: {e}); {fix}") from None
+    if len(found) == 2 and found[META_JSON] != found[META_PKL]:
+        raise ValueError(f"{data_dir / META_JSON} and {data_dir / META_PKL} hold different vocabularies (one is left "
+                         f"from another dataset); re-create the dataset with `{prepare_command(data_dir.name)}`")
+    return next(iter(found.values()), None)
 
 
 def _first_id_out_of_range(tokens: np.ndarray, vocab_size: int) -> tuple[int, int] | None:

@@ -74,7 +74,7 @@ def gpt2_tokenizer() -> Tokenizer:
 
 def load_model(init_from: str, out_dir: str, attn_impl: str = "auto", ln_impl: str = "auto") -> tuple[GPT, Tokenizer]:
     """The model and the tokenizer it was trained with: the dataset's char vocabulary if it has a
-    meta.pkl (as nanoGPT's sample.py finds it), else GPT-2's BPE."""
+    meta.json or meta.pkl (as nanoGPT's sample.py finds it), else GPT-2's BPE."""
     try:
         if init_from != "resume":
             return GPT.from_pretrained(init_from, attn_impl=attn_impl, ln_impl=ln_impl), gpt2_tokenizer()
@@ -87,7 +87,7 @@ def load_model(init_from: str, out_dir: str, attn_impl: str = "auto", ln_impl: s
     if "dataset" in train_config:
         meta = load_meta(train_config.get("data_dir") or os.path.join("data", train_config["dataset"]))
     if meta is not None:
-        print(f"using the character vocabulary of {train_config['dataset']} (meta.pkl)")
+        print(f"using the character vocabulary of {train_config['dataset']} (its meta file)")
         return model, char_tokenizer(meta)
     return model, gpt2_tokenizer()
 

@@ -183,7 +183,7 @@ except ValueError as error:
     fail(str(error))
 meta_vocab_size = meta["vocab_size"] if meta else None
 if meta_vocab_size is not None and master_process:
-    print(f"found vocab_size = {meta_vocab_size} (inside {os.path.join(data_dir, 'meta.pkl')})")
+    print(f"found vocab_size = {meta_vocab_size} (inside {data_dir}'s meta file)")
 
 # model
 iter_num, best_val_loss, evals_since_best = 0, float("inf"), 0

@@ -126,14 +126,13 @@ def char_ids(text: str, meta: dict) -> np.ndarray:
 
 
 def write_splits(data_dir: Path, train_ids, val_ids, meta: dict | None = None) -> None:
-    """train.bin, val.bin and meta.pkl (char vocabularies only) in nanoGPT's format. Without a meta,
-    an old meta.pkl goes: left behind, it would make train.py and sample.py use the wrong vocabulary."""
+    """train.bin, val.bin and, for char vocabularies, meta.pkl in nanoGPT's format (and meta.json). Without
+    a meta, old vocabulary files go: left behind, they would make train.py and sample.py use the wrong one."""
     data.write_tokens(data_dir / "train.bin", train_ids)
     data.write_tokens(data_dir / "val.bin", val_ids)
     if meta is not None:
-        data.write_meta(data_dir / "meta.pkl", meta)
-    elif (data_dir / "meta.pkl").exists():
-        (data_dir / "meta.pkl").unlink()
-        print(f"removed the old {data_dir / 'meta.pkl'}: this dataset uses GPT-2 BPE, not a char vocabulary")
-    written = ["train.bin", "val.bin"] + (["meta.pkl"] if meta is not None else [])
+        data.write_meta(data_dir, meta)
+    for path in [] if meta is not None else data.remove_meta(data_dir):
+        print(f"removed the old {path}: this dataset uses GPT-2 BPE, not a char vocabulary")
+    written = ["train.bin", "val.bin"] + ([data.META_PKL, data.META_JSON] if meta is not None else [])
     print(f"wrote {', '.join(written)} to {data_dir}")

@@ -4,7 +4,7 @@
 
 The output is byte for byte what nanoGPT's data/shakespeare/prepare.py writes: the text is split
 90/10 on characters, then each part is encoded with tiktoken's GPT-2 encode_ordinary (no special
-tokens). There is no meta.pkl: train.py and sample.py take a missing one to mean GPT-2's vocabulary.
+tokens). There is no meta.json or meta.pkl: train.py and sample.py take a missing one to mean GPT-2's vocabulary.
 Set TRITONGPT_MIRROR to a directory or URL holding tinyshakespeare/input.txt to work offline.
 """
 import argparse

@@ -1,10 +1,11 @@
-"""Tiny Shakespeare at the character level: data/shakespeare_char/{train.bin, val.bin, meta.pkl}.
+"""Tiny Shakespeare at the character level: data/shakespeare_char/{train.bin, val.bin, meta.pkl, meta.json}.
 
     python prepare/shakespeare_char.py [--data_dir DIR]
 
 The output is byte for byte what nanoGPT's data/shakespeare_char/prepare.py writes: the first 90% of
 the characters are train, the rest val, each character's id is its rank in the sorted set of
-characters (65 of them), and meta.pkl holds vocab_size, itos and stoi for sample.py to decode.
+characters (65 of them), and meta.pkl holds vocab_size, itos and stoi for sample.py to decode. meta.json,
+ours, holds the same vocabulary in a format that cannot carry code.
 Set TRITONGPT_MIRROR to a directory or URL holding tinyshakespeare/input.txt to work offline.
 """
 import argparse

@@ -1,15 +1,15 @@
-"""Your own text files as a dataset: data/<name>/{train.bin, val.bin} (+ meta.pkl for characters).
+"""Your own text files as a dataset: data/<name>/{train.bin, val.bin} (+ meta.json, meta.pkl for characters).
 
     python prepare/text.py --name poems --input 'poems/*.txt' more.txt [--tokenizer char|gpt2]
                            [--val_fraction 0.1] [--data_dir DIR]
 
-Then train with `python train.py --dataset=poems`; for char, train.py reads the vocabulary size from meta.pkl.
+Then train with `python train.py --dataset=poems`; for char, train.py reads the vocabulary size from meta.json.
 
 - Each input file is one document. Files come in the order given on the command line, each glob's
   matches sorted by name; a file named twice is read once. They must be UTF-8. Line endings are
   normalized to \\n, as Python's text mode (and so nanoGPT) does.
-- char: the vocabulary is the sorted set of characters in all the files, written to meta.pkl in
-  nanoGPT's format; documents are concatenated as they are, since a char vocabulary has no separator.
+- char: the vocabulary is the sorted set of characters in all the files, written to meta.json and to
+  meta.pkl in nanoGPT's format; documents are concatenated as they are, since a char vocabulary has no separator.
 - gpt2: tiktoken's GPT-2 BPE (encode_ordinary: "<|endoftext|>" in the text is plain text). Every
   document starts with the end-of-text token 50256, as in prepare/fineweb.py and llm.c, so the model
   sees where one ends and the next begins.

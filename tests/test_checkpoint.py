@@ -194,3 +194,44 @@ def test_find_takes_the_newer_of_a_plain_and_a_sharded_checkpoint(tmp_path, plai
     for latest in (True, False):
         found = ckpt.find(tmp_path, latest=latest)
         assert found.iter_num == 9 and found.sharded == (sharded_iter == 9)
+
+
+def crafted_sharded_checkpoint(out_dir, marker, where: str):
+    """A ckpt_dcp/ whose .metadata is clean but one entry is a pickle that creates `marker` when loaded with
+    weights_only=False (DCP's own reader): an optimizer param group's lr, or a model entry."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    model_state, optim_state = get_state_dict(model, optimizer, options=ckpt.FLAT)
+    if where == "optimizer":
+        optim_state[next(key for key in optim_state if key.endswith(".lr"))] = CreatesAFile(marker)
+    else:
+        model_state["transformer.wte.weight"] = CreatesAFile(marker)
+    path = out_dir / ckpt.SHARDED_DIR
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
+    torch.save(ckpt.train_state(model, 5, 2.0, {}, {}, {}), path / ckpt.TRAIN_STATE)
+    return model, optimizer
+
+
+def test_a_sharded_optimizer_entry_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "created_by_unpickling"
+    model, optimizer = crafted_sharded_checkpoint(tmp_path, marker, "optimizer")
+    found = ckpt.find(tmp_path, latest=True)  # the metadata is clean: DCP's own entries only
+    with pytest.raises(ckpt.CheckpointError, match=r"refusing to load .*ckpt_dcp.*could run code"):
+        ckpt.load_weights_into(found, model, optimizer)
+    assert not marker.exists()
+
+
+def test_a_sharded_model_entry_that_is_not_a_tensor_is_refused(tmp_path):
+    marker = tmp_path / "created_by_unpickling"
+    crafted_sharded_checkpoint(tmp_path, marker, "model")
+    with pytest.raises(ckpt.CheckpointError, match=r"model entries must be tensors.*transformer\.wte\.weight"):
+        ckpt.find(tmp_path, latest=False)
+    out = subprocess.run([sys.executable, str(REPO / "sample.py"), "--device=cpu", f"--out_dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode != 0 and "model entries must be tensors" in out.stderr and "Traceback" not in out.stderr
+    assert not marker.exists()

@@ -1,4 +1,5 @@
 """data.py: the token formats and the TokenSplit loader."""
+import json
 import pickle
 import time
 
@@ -204,15 +205,55 @@ def test_vocab_check_reads_little_of_a_huge_file(tmp_path):
     assert split.num_tokens == 1 << 30
 
 
-def test_meta_round_trip_and_errors(tmp_path):
+META = {"vocab_size": 3, "itos": {0: "a", 1: "b", 2: "\u00e9"}, "stoi": {"a": 0, "b": 1, "\u00e9": 2}}
+
+
+def test_meta_round_trip(tmp_path):
     assert data.load_meta(tmp_path) is None
-    meta = {"vocab_size": 3, "itos": {0: "a", 1: "b", 2: "c"}, "stoi": {"a": 0, "b": 1, "c": 2}}
-    data.write_meta(tmp_path / "meta.pkl", meta)
-    assert (tmp_path / "meta.pkl").read_bytes() == pickle.dumps(meta)
-    assert data.load_meta(tmp_path) == meta
-    (tmp_path / "meta.pkl").write_bytes(b"\x80\x04garbage")
-    with pytest.raises(ValueError, match=r"meta\.pkl is corrupt.*delete it"):
+    data.write_meta(tmp_path, META)
+    assert (tmp_path / "meta.pkl").read_bytes() == pickle.dumps(META)  # nanoGPT's bytes
+    assert json.loads((tmp_path / "meta.json").read_text(encoding="utf-8")) == {"vocab_size": 3,
+                                                                                "itos": ["a", "b", "\u00e9"]}
+    assert data.load_meta(tmp_path) == META
+    (tmp_path / "meta.json").unlink()  # nanoGPT's dataset: meta.pkl alone
+    assert data.load_meta(tmp_path) == META
+    assert data.remove_meta(tmp_path) == [tmp_path / "meta.pkl"] and data.load_meta(tmp_path) is None
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("meta.pkl", b"\x80\x04garbage", "UnpicklingError"),
+    ("meta.pkl", pickle.dumps([1, 2]), "vocab_size"),
+    ("meta.pkl", pickle.dumps({"vocab_size": 2, "itos": {0: "a"}, "stoi": {"a": 0}}), "each id 0..1"),
+    ("meta.pkl", pickle.dumps({"vocab_size": 1, "itos": {0: "a"}, "stoi": {"b": 0}}), "inverse"),
+    ("meta.json", b"{not json", "JSONDecodeError"),
+    ("meta.json", json.dumps({"vocab_size": "3", "itos": ["a"]}).encode(), "vocab_size"),
+])
+def test_a_broken_meta_file_is_a_clear_error(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{name} is not a usable dataset vocabulary.*{message}.*delete it"):
         data.load_meta(tmp_path)
-    (tmp_path / "meta.pkl").write_bytes(pickle.dumps([1, 2]))
-    with pytest.raises(ValueError, match="vocab_size"):
+
+
+def test_meta_files_that_disagree_are_refused(tmp_path):
+    data.write_meta(tmp_path, META)
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 1, "itos": {0: "z"}, "stoi": {"z": 0}}))
+    with pytest.raises(ValueError, match="hold different vocabularies"):
         data.load_meta(tmp_path)
+
+
+class CreatesAFile:
+    """Unpickling this calls open(path, "w"): any code could run in its place."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_meta_pkl_that_would_run_code_runs_nothing(tmp_path):
+    marker = tmp_path / "created_by_unpickling"
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 3, "itos": CreatesAFile(marker)}))
+    with pytest.raises(ValueError, match=r"meta\.pkl is not a usable dataset vocabulary .*names io\.open"):
+        data.load_meta(tmp_path)
+    assert not marker.exists()

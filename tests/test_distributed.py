@@ -126,7 +126,7 @@ def test_one_process_and_sample_py_read_the_sharded_checkpoint(workdir, fsdp_run
     run_train(workdir, f"--out_dir={fsdp_run.name}", "--init_from=resume", "--eval_only=True")
     assert val_losses(fsdp_run)[6] == pytest.approx(fsdp_val, abs=1e-6)  # the FSDP model's outputs, to 1e-6
     out = run_sample(workdir, f"--out_dir={fsdp_run.name}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=20")
-    assert out.stdout.split("(meta.pkl)\n", 1)[1].startswith("ROMEO:")
+    assert out.stdout.split("(its meta file)\n", 1)[1].startswith("ROMEO:")
 
 
 def test_consolidated_checkpoint_is_the_fsdp_model(workdir, fsdp_run, reference):
@@ -286,7 +286,7 @@ def test_tensor_parallel_resumes_on_other_layouts(workdir, tp_run, reference):
 
 def test_sample_py_and_consolidation_read_a_tensor_parallel_checkpoint(workdir, tp_run, reference):
     out = run_sample(workdir, f"--out_dir={tp_run.name}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=20")
-    assert out.stdout.split("(meta.pkl)\n", 1)[1].startswith("ROMEO:")
+    assert out.stdout.split("(its meta file)\n", 1)[1].startswith("ROMEO:")
     consolidated = workdir / "tp_consolidated"
     shutil.copytree(tp_run / "ckpt_dcp", consolidated / "ckpt_dcp")
     run_train(workdir, f"--out_dir={consolidated.name}", "--consolidate=True")
@@ -371,7 +371,7 @@ def test_pipeline_matches_one_process(pp_run, reference):
     assert_same_weights(pp_run / "ckpt_dcp", reference / "ckpt6.pt")
     out = run_sample(pp_run.parent, f"--out_dir={pp_run.name}", "--start=ROMEO:", "--num_samples=1",
                      "--max_new_tokens=20")
-    assert out.stdout.split("(meta.pkl)\n", 1)[1].startswith("ROMEO:")
+    assert out.stdout.split("(its meta file)\n", 1)[1].startswith("ROMEO:")
 
 
 def test_pipeline_resumes_from_one_process(workdir, reference):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import requests
 
+import data
 import fileio
 from prepare import common
 
@@ -287,6 +288,7 @@ def test_shakespeare_char_is_byte_identical_to_nanogpt(tmp_path):
     assert (out / "train.bin").read_bytes() == train
     assert (out / "val.bin").read_bytes() == val
     assert (out / "meta.pkl").read_bytes() == meta
+    assert data.load_meta(out) == pickle.loads(meta)  # meta.json, which is read first, agrees
     assert (out / "input.txt").read_bytes() == SHAKESPEARE.read_bytes()
     assert len(train) // 2 == 1_003_854 and len(val) // 2 == 111_540
     for line in ["length of dataset in characters: 1,115,394", "vocab size: 65",

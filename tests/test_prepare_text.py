@@ -54,6 +54,7 @@ def test_gpt2_corpus(corpus, monkeypatch):
     monkeypatch.chdir(corpus)
     (corpus / "data" / "mine").mkdir(parents=True)
     (corpus / "data" / "mine" / "meta.pkl").write_bytes(b"left from a char run")
+    (corpus / "data" / "mine" / "meta.json").write_bytes(b"left from a char run")
     text.main(["--name", "mine", "--input", "in/c.txt", "in/*.txt", "--tokenizer", "gpt2", "--val_fraction", "0.25"])
     enc = common.gpt2_encoding()
     # c.txt named first comes first, and is not read twice; every document starts with EOT.
@@ -64,7 +65,7 @@ def test_gpt2_corpus(corpus, monkeypatch):
     assert read_tokens(out / "train.bin") == stream[:n_train]
     assert read_tokens(out / "val.bin") == stream[n_train:]
     assert stream.count(50256) == 3
-    assert not (out / "meta.pkl").exists()  # a stale char vocabulary would mislead train.py
+    assert not (out / "meta.pkl").exists() and not (out / "meta.json").exists()  # stale, they would mislead train.py
 
 
 def test_input_errors(corpus, monkeypatch):

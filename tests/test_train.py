@@ -246,7 +246,7 @@ def test_modern_recipe_with_muon_resumes_exactly_and_samples(workdir):
                           "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=40", "--kv_roll=True"],
                          cwd=workdir, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("(meta.pkl)\n", 1)[1].startswith("ROMEO:")
+    assert out.stdout.split("(its meta file)\n", 1)[1].startswith("ROMEO:")
 
 
 def test_bad_recipe_values_are_clear_errors(workdir):
