@@ -39,8 +39,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 import parallelism
 import pipeline
+from configurator import UserError
 from fileio import atomic_open
-from model import GPT, GPTConfig, gelu_approximate, set_gelu_approximate
+from model import GPT, SWITCHES, GPTConfig, gelu_approximate, set_gelu_approximate
 
 CKPT_FILE = "ckpt.pt"
 LATEST_FILE = "ckpt_latest.pt"
@@ -50,9 +51,12 @@ TRAIN_STATE = "train_state.pt"  # in a sharded checkpoint: everything but the mo
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)  # how sharded checkpoints hold the optimizer
 MODEL_ARG_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+# train.py's keys that a model resumed or loaded from pretrained weights keeps from where it came (block_size
+# may shrink: train.py crops it)
+FIXED_ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "bias", *SWITCHES)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file and what to do."""
 
 
@@ -278,6 +282,39 @@ def build_model(checkpoint: Checkpoint, attn_impl: str = "auto", ln_impl: str = 
     return model
 
 
+def keep_architecture(model_config: GPTConfig, config: dict, given: set[str], source: str) -> dict:
+    """A run's config for a model whose architecture comes from `source` (a checkpoint, pretrained weights):
+    an architecture key the user set to another value is a ValueError (it cannot apply, and dropping it
+    silently would train something else than asked); the others take the model's values, so the config a
+    checkpoint saves agrees with its model_args."""
+    conflicts = [f"{key}={config[key]!r} (it has {getattr(model_config, key)!r})" for key in FIXED_ARCHITECTURE_KEYS
+                 if key in given and key in config and config[key] != getattr(model_config, key)]
+    if conflicts:
+        raise ValueError(f"the model from {source} keeps its architecture, so {', '.join(conflicts)} cannot apply; "
+                         "drop the setting, or train a new model (init_from='scratch') in another out_dir")
+    return {**config, **{key: getattr(model_config, key) for key in FIXED_ARCHITECTURE_KEYS if key in config}}
+
+
+def check_finite_weights(model: torch.nn.Module, source: str | Path) -> None:
+    """Weights that are NaN or infinite cannot train: refuse them where they were loaded, naming the fix."""
+    for name, param in model.named_parameters():
+        local = param.to_local() if isinstance(param, torch.distributed.tensor.DTensor) else param
+        if not bool(torch.isfinite(local.detach()).all()):
+            raise CheckpointError(f"{source} holds non-finite weights ({name} has NaN or infinite values), saved by a "
+                                  "run that diverged; resume from an earlier checkpoint or train again")
+
+
+def tensor_bytes(state: object) -> int:
+    """The bytes of the tensors in a (nested) state dict: about what torch.save of it writes."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(value) for value in state)
+    return 0
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """FSDP2 keeps each parameter as a DTensor sharded across the processes."""
     return any(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
@@ -344,7 +381,13 @@ def _load_weights_into(checkpoint: Checkpoint, model: torch.nn.Module, optimizer
                                   "(use it with init_from=resume only if it was saved by train.py)")
     partial = pipeline.is_pipeline_part(model)
     if not is_sharded(model) and not partial:
-        model.load_state_dict(clean_state_dict(checkpoint.state["model"]))
+        try:
+            model.load_state_dict(clean_state_dict(checkpoint.state["model"]))
+        except RuntimeError as error:  # tensors missing, unexpected, or of other shapes than model_args make
+            detail = " ".join(str(error).split())
+            raise CheckpointError(f"{checkpoint.path}: its weights do not fit the model its model_args describe "
+                                  f"({detail[:300]}); the file was edited or mixed up, delete it and resume from "
+                                  "another checkpoint") from None
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint.state["optimizer"])
         return
@@ -389,8 +432,9 @@ def save(out_dir: str | Path, latest: bool, model: torch.nn.Module, optimizer: t
     if not sharded:
         path = out_dir / (LATEST_FILE if latest else CKPT_FILE)
         if master:
-            with atomic_open(path) as f:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state}, f)
+            everything = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state}
+            with atomic_open(path, size_hint=tensor_bytes(everything)) as f:
+                torch.save(everything, f)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # no rank moves on (and perhaps exits) before the file is whole
         return path
@@ -434,8 +478,9 @@ def consolidate(out_dir: str | Path, make_optimizer: Callable[[GPT], torch.optim
         model = build_model(checkpoint, "sdpa", "torch", load_weights=False)
         optimizer = make_optimizer(model)
         load_weights_into(checkpoint, model, optimizer)
-        with atomic_open(Path(out_dir) / file) as f:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **checkpoint.state}, f)
+        everything = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **checkpoint.state}
+        with atomic_open(Path(out_dir) / file, size_hint=tensor_bytes(everything)) as f:
+            torch.save(everything, f)
         written.append(Path(out_dir) / file)
     if not written:
         raise CheckpointError(f"--consolidate=True reads the sharded checkpoint of an fsdp run, {Path(out_dir) / SHARDED_DIR}: "

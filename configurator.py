@@ -2,25 +2,33 @@
 
 nanoGPT's scheme: a script's config defaults are its module globals; `python train.py config/x.py
 --key=value` runs the config file over them, then applies the `--key=value` pairs. Unlike nanoGPT, every
-key is checked: an unknown key names the closest valid one, and a value of the wrong type names the key
-and the type it expects. A key's type is its annotation if it has one (`data_dir: str | None = None`),
-else the type of its default.
+key is checked: an unknown key names the closest valid one, a value of the wrong type names the key and
+the type it expects, and a number out of its range (LIMITS) or a name not among its choices names the key
+and what it may be. A key's type is its annotation if it has one (`data_dir: str | None = None`), else the
+type of its default.
 
-This module also holds the run-time choices every script makes the same way: which device, which dtype,
-whether to compile.
+This module also holds what every script does the same way: which device, which dtype, whether to
+compile, and how a failure ends the program (one line, no traceback: error_boundary).
 """
 import ast
 import contextlib
 import difflib
+import os
+import re
 import sys
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A failure the user can fix, whose message says how: programs print it as one line (error_boundary)."""
+
+
+class ConfigError(UserError, ValueError):
     """A config file or command-line override that cannot be applied."""
 
 
@@ -53,6 +61,73 @@ def coerce(key: str, value: object, allowed: tuple[type, ...]) -> object:
     if float in allowed and type(value) is int:
         return float(value)
     raise ConfigError(f"{key} expects {type_name(allowed)}, got {value!r} ({type(value).__name__})")
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The numbers a key may hold: low <= value (low < value if low_open), value <= high (< if high_open)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    meaning: str = ""  # what the edge means, for the message: "0 turns it off"
+
+    def admits(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return " and ".join(parts) + (f" ({self.meaning})" if self.meaning else "")
+
+
+COUNT = Limit(low=1)
+NON_NEGATIVE = Limit(low=0)
+FRACTION = Limit(low=0, high=1, high_open=True)
+# Every numeric key of train.py and sample.py that has a range; a script is checked on the keys it has.
+# (The model's own invariants, such as n_embd divisible by n_head, are GPTConfig's to check, and the
+# sampling settings generate.check_sampling's.)
+LIMITS = {
+    "eval_interval": COUNT, "log_interval": COUNT, "eval_iters": COUNT, "batch_size": COUNT, "block_size": COUNT,
+    "gradient_accumulation_steps": COUNT, "n_layer": COUNT, "n_head": COUNT, "n_embd": COUNT,
+    "tensor_parallel": COUNT, "pipeline_parallel": COUNT, "pipeline_stages_per_rank": COUNT, "num_samples": COUNT,
+    "max_iters": NON_NEGATIVE, "warmup_iters": NON_NEGATIVE, "lr_decay_iters": NON_NEGATIVE,
+    "early_stopping_patience": Limit(low=0, meaning="0 never stops early"),
+    "grad_clip": Limit(low=0, meaning="0 turns clipping off"), "learning_rate": NON_NEGATIVE, "min_lr": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE, "muon_lr": NON_NEGATIVE, "beta1": FRACTION, "beta2": FRACTION,
+    "muon_momentum": FRACTION, "dropout": FRACTION, "torch_threads": Limit(low=0, meaning="0 keeps torch's default"),
+}
+# Keys whose value is one of a few names (the model's switches are GPTConfig's to check).
+CHOICES = {
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "parallel": ("ddp", "fsdp"),
+    "optimizer": ("adamw", "muon"),
+    "attn_impl": ("auto", "eager", "sdpa", "triton"),
+    "ln_impl": ("auto", "torch", "triton"),
+    "ce_impl": ("auto", "torch", "triton"),
+    "pipeline_schedule": ("1f1b", "gpipe", "interleaved_1f1b"),
+}
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_values(config: dict) -> None:
+    """Each key's value against its range or choices (LIMITS, CHOICES) and the device's form; ConfigError names
+    the key, the value and what it may be."""
+    for key, value in config.items():
+        limit = LIMITS.get(key)
+        if limit is not None and type(value) in (int, float) and not limit.admits(value):
+            raise ConfigError(f"{key} must be {limit.describe()}, got {value!r}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, CHOICES[key]))}, got {value!r}")
+    device = config.get("device")
+    if isinstance(device, str) and not DEVICE_PATTERN.fullmatch(device):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' (a GPU's index) or 'mps', got {device!r}")
 
 
 def parse_value(key: str, text: str, allowed: tuple[type, ...]) -> object:
@@ -88,26 +163,32 @@ def help_text(script: str, defaults: dict, annotations: dict) -> str:
     return "\n".join(lines)
 
 
-def apply_config_file(path: str, config: dict, annotations: dict) -> None:
+def apply_config_file(path: str, config: dict, annotations: dict) -> list[str]:
+    """Run a config file over `config`; returns the keys it set."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file {path} not found (config files live in config/, e.g. config/shakespeare.py)")
     namespace: dict = {}
     exec(compile(file.read_text(), str(file), "exec"), namespace)
+    keys = []
     for key, value in namespace.items():
         if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
             continue
         if key not in config:
             raise unknown_key_error(key, config, f"in {path}")
         config[key] = coerce(key, value, allowed_types(key, config[key], annotations))
+        keys.append(key)
+    return keys
 
 
-def parse_args(argv: list[str], defaults: dict, annotations: dict) -> dict:
-    """The config after applying config files and --key=value overrides in order. Raises ConfigError."""
+def parse_args(argv: list[str], defaults: dict, annotations: dict, given: set[str] | None = None) -> dict:
+    """The config after applying config files and --key=value overrides in order, its values checked
+    (check_values). Raises ConfigError. `given`, when passed, receives the keys a file or flag set."""
     config = dict(defaults)
+    given = set() if given is None else given
     for arg in argv:
         if not arg.startswith("--"):
-            apply_config_file(arg, config, annotations)
+            given.update(apply_config_file(arg, config, annotations))
             continue
         key, sep, text = arg[2:].partition("=")
         if not sep:
@@ -115,6 +196,8 @@ def parse_args(argv: list[str], defaults: dict, annotations: dict) -> dict:
         if key not in defaults:
             raise unknown_key_error(key, defaults, "on the command line")
         config[key] = parse_value(key, text, allowed_types(key, defaults[key], annotations))
+        given.add(key)
+    check_values(config)
     return config
 
 
@@ -147,8 +230,9 @@ def script_config(script: str | Path, argv: list[str]) -> dict:
     return parse_args(argv, defaults, annotations)
 
 
-def configure(namespace: dict, argv: list[str] | None = None) -> dict:
-    """Apply sys.argv to a script's globals in place and return the resulting config dict.
+def configure(namespace: dict, argv: list[str] | None = None, given: set[str] | None = None) -> dict:
+    """Apply sys.argv to a script's globals in place and return the resulting config dict; `given`, when
+    passed, receives the keys that a config file or flag set (train.py refuses some of them on resume).
 
     Prints usage for --help and exits with a one-line message (no traceback) on a bad key or value.
     """
@@ -157,7 +241,7 @@ def configure(namespace: dict, argv: list[str] | None = None) -> dict:
     annotations = namespace.get("__annotations__", {})
     help_flags = [arg for arg in argv if arg in ("--help", "-h")]
     try:
-        config = parse_args([arg for arg in argv if arg not in help_flags], defaults, annotations)
+        config = parse_args([arg for arg in argv if arg not in help_flags], defaults, annotations, given)
     except ConfigError as error:
         sys.exit(f"error: {error}")
     if help_flags:  # after the other arguments, so `train.py config/x.py --help` shows that config's values
@@ -175,21 +259,33 @@ def configure(namespace: dict, argv: list[str] | None = None) -> dict:
 
 
 def resolve_device(device: str) -> str:
-    """'auto' is the best device present: cuda, then mps, then cpu."""
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """'auto' is the best device present: cuda, then mps, then cpu. A device this machine lacks is a
+    ConfigError that says what there is."""
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' (a GPU's index) or 'mps', got {device!r}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+            raise ConfigError(f"device={device!r}, but PyTorch sees no CUDA GPU here (torch {torch.__version__}, "
+                              f"{build}); use --device=cpu, or --device=auto to take what there is")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device!r}, but there are {torch.cuda.device_count()} CUDA GPU(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps', but this machine or PyTorch build has no MPS (Apple GPU) support; use "
+                          "--device=cpu or --device=auto")
+    return device
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
     """'auto' is bfloat16 where the GPU supports it, else float16 (with a GradScaler) on CUDA, else float32."""
-    valid = ("auto", "float32", "bfloat16", "float16")
-    if dtype not in valid:
-        raise ConfigError(f"dtype must be one of {valid}, got {dtype!r}")
+    if dtype not in CHOICES["dtype"]:
+        raise ConfigError(f"dtype must be one of {', '.join(map(repr, CHOICES['dtype']))}, got {dtype!r}")
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):
@@ -212,3 +308,29 @@ def autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+# -----------------------------------------------------------------------------
+# How a program ends on a failure
+
+DEBUG_ENV = "TRITONGPT_DEBUG"  # set to 1 to see the traceback of a failure
+
+
+def error_boundary() -> None:
+    """Make every uncaught exception end the program with one line, `error: <message>`, and exit status 1,
+    instead of a traceback (unless TRITONGPT_DEBUG=1). Our own errors (ConfigError, CheckpointError, ...)
+    already say what to do; for anything else the line also names the exception's type and how to see
+    the traceback, which a bug report needs."""
+    if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+
+    def one_line(kind, value, traceback) -> None:
+        if not issubclass(kind, Exception):  # KeyboardInterrupt, SystemExit: Python's own handling
+            sys.__excepthook__(kind, value, traceback)
+            return
+        message = str(value).strip() or kind.__name__
+        if not issubclass(kind, (UserError, ValueError, FileNotFoundError)):  # ours say the fix: those may not
+            message = f"{kind.__name__}: {message} (run again with {DEBUG_ENV}=1 to see where)"
+        print(f"error: {message}", file=sys.stderr)
+
+    sys.excepthook = one_line

@@ -69,7 +69,7 @@ def _as_tokens(tokens, what: str) -> np.ndarray:
 def write_tokens(path: str | Path, tokens) -> None:
     """Write nanoGPT's raw format: the uint16 ids and nothing else (what np.ndarray.tofile writes)."""
     arr = _as_tokens(tokens, str(path))
-    with atomic_open(path) as f:
+    with atomic_open(path, size_hint=arr.nbytes) as f:
         f.write(arr.tobytes())
 
 
@@ -80,7 +80,7 @@ def write_shard(path: str | Path, tokens) -> None:
         raise ValueError(f"{path}: {arr.size:,} tokens is more than a shard header can count ({MAX_SHARD_TOKENS:,})")
     header = np.zeros(SHARD_HEADER_INTS, dtype=np.int32)
     header[:3] = SHARD_MAGIC, SHARD_VERSION, arr.size
-    with atomic_open(path) as f:
+    with atomic_open(path, size_hint=header.nbytes + arr.nbytes) as f:
         f.write(header.tobytes())
         f.write(arr.tobytes())
 
@@ -278,6 +278,17 @@ class TokenSplit:
             if bad is not None:
                 raise self._vocab_error(self.paths[i], start + bad[0], bad[1])
 
+    def windows(self, block_size: int) -> np.ndarray:
+        """How many windows of block_size + 1 tokens start in each file; a ValueError if there are none."""
+        windows = np.maximum(self.counts - block_size, 0)
+        if windows.sum() == 0:
+            raise ValueError(
+                f"The {self.split} split in {self.data_dir} is too small for block_size={block_size}: a window needs "
+                f"block_size+1 = {block_size + 1:,} tokens from one file, but the split has {self.num_tokens:,} tokens"
+                f" and its largest file {int(self.counts.max()):,}. Use a smaller block_size or more data"
+            )
+        return windows
+
     def get_batch(self, batch_size: int, block_size: int,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: int64 CPU tensors of shape (batch_size, block_size), y being x shifted one token ahead.
@@ -291,13 +302,7 @@ class TokenSplit:
             raise ValueError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
         if generator.device.type != "cpu":
             raise ValueError(f"get_batch needs a CPU torch.Generator, got one on {generator.device}")
-        windows = np.maximum(self.counts - block_size, 0)
-        if windows.sum() == 0:
-            raise ValueError(
-                f"The {self.split} split in {self.data_dir} is too small for block_size={block_size}: a window needs "
-                f"block_size+1 = {block_size + 1:,} tokens from one file, but the split has {self.num_tokens:,} tokens"
-                f" and its largest file {int(self.counts.max()):,}. Use a smaller block_size or more data"
-            )
+        windows = self.windows(block_size)
         ix = torch.randint(int(windows.sum()), (batch_size,), generator=generator).numpy()
         ends = np.cumsum(windows)
         # side="right" skips files with no windows: their end equals the previous file's end.

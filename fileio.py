@@ -1,13 +1,16 @@
 """Files: atomic writes and verified, resumable downloads.
 
-A leaf module (it imports nothing of the project), so that the model's Hugging Face I/O, the data
-loader and the prepare scripts share one way to write a file and one way to fetch one.
+It imports nothing of the project but configurator's UserError, so that the model's Hugging Face I/O,
+the data loader and the prepare scripts share one way to write a file and one way to fetch one.
 """
 import email.utils
+import errno
 import hashlib
 import os
 import re
 import secrets
+import shutil
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -19,8 +22,10 @@ from typing import BinaryIO
 import requests
 from tqdm import tqdm
 
+from configurator import UserError
 
-class DownloadError(RuntimeError):
+
+class DownloadError(UserError, RuntimeError):
     """A download that failed in a way the user can fix; scripts print its message without a traceback."""
 
 
@@ -106,23 +111,115 @@ def get(url: str, headers: dict | None = None, timeout: float = 30.0, retries: i
     return response
 
 
+class DiskFullError(UserError, OSError):
+    """A write that ran out of space; the message names the file, what it needed and what is free."""
+
+
+class _WriteRecorder:
+    """A file that remembers the OSError of a failed write: torch.save reports a full disk as a RuntimeError
+    about stream positions, and this is how atomic_open still knows that the disk was full."""
+
+    def __init__(self, file: BinaryIO):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+
+def _host() -> str:
+    """This machine's name as it goes into temp-file names (letters, digits and dashes only)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+# .<name>.<pid>.<8 hex>.<host>.tmp; versions before the host was added wrote .<name>.<pid>.<8 hex>.tmp
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}(\.(?P<host>[A-Za-z0-9-]+))?\.tmp")
+
+
 @contextmanager
-def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+def atomic_open(path: str | Path, size_hint: int | None = None) -> Iterator[BinaryIO]:
     """Open a temp file next to `path` for binary writing; it replaces `path` only once the block
     finishes without error, so a crash or Ctrl-C never leaves a half-written file under the real name.
-    The temp name ends in .tmp, so the loader's *.bin globs never pick it up."""
+    The temp name ends in .tmp, so the loader's *.bin globs never pick it up, and holds this machine's name
+    and process id, so a later run can tell a dead process's leftovers (remove_stale_temp_files). A full
+    disk is a DiskFullError naming the file and `size_hint`, the bytes it was expected to need."""
     path = Path(path)
     # Not tempfile.mkstemp: its files are private (0600); this one gets the usual umask permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{_host()}.tmp")
+    recorder = None
     try:
         with open(tmp, "xb") as f:
-            yield f
+            recorder = _WriteRecorder(f)
+            yield recorder
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as error:
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        causes = (error, recorder.error if recorder is not None else None)
+        if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in causes):
+            raise DiskFullError(errno.ENOSPC, disk_full_message(path, written, size_hint)) from error
         raise
+
+
+def disk_full_message(path: Path, written: int, size_hint: int | None) -> str:
+    free = shutil.disk_usage(path.parent).free
+    needed = f" of the about {size_hint:,} it needs" if size_hint else ""
+    return (f"no space left on the device holding {path.parent}: writing {path.name} stopped after {written:,} "
+            f"bytes{needed} ({free:,} bytes are free there now). Nothing was replaced: an earlier {path.name} is "
+            "still whole. Free some space, or write elsewhere, and run again")
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the temp files atomic_open left in `directory` when its process died (kill -9, a crash, a
+    power cut), and return them. Only files of this machine whose process is gone: another node's, or a
+    running process's, may still be written."""
+    removed = []
+    directory = Path(directory)
+    for path in directory.glob(".*.tmp") if directory.is_dir() else []:
+        match = TEMP_NAME.fullmatch(path.name)
+        if match is None or match["host"] not in (None, _host()) or _process_alive(int(match["pid"])):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: asks whether the process exists, sends nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
+def writable_directory(directory: str | Path, key: str) -> Path:
+    """Create `directory` if needed and check that files can be written there; a UserError naming `key` (the
+    setting it came from) otherwise."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_open(directory / ".write_check"):
+            pass
+        (directory / ".write_check").unlink()
+    except FileExistsError:
+        raise UserError(f"{key}={str(directory)!r} is a file, not a directory; choose another {key}") from None
+    except DiskFullError:
+        raise
+    except OSError as error:
+        raise UserError(f"cannot write to {key}={str(directory)!r} ({error.strerror}); choose a directory you can "
+                        f"write to with --{key}=...") from None
+    return directory
 
 
 def file_sha256(path: Path) -> str:

@@ -13,6 +13,7 @@ model_args; checkpoint.py records it under a key of its own, which nanoGPT ignor
 """
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -127,11 +128,64 @@ def hf_weight_files(directory: Path) -> list[Path]:
     if (directory / HF_SAFETENSORS).is_file():
         return [directory / HF_SAFETENSORS]
     if (directory / HF_SAFETENSORS_INDEX).is_file():
-        weight_map = json.loads((directory / HF_SAFETENSORS_INDEX).read_text())["weight_map"]
-        return [directory / shard for shard in sorted(set(weight_map.values()))]
+        index = directory / HF_SAFETENSORS_INDEX
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a 'weight_map' of tensor "
+                             f"names to files): {type(error).__name__}: {error}") from None
+        outside = [shard for shard in shards if not isinstance(shard, str)
+                   or not (directory / shard).resolve().is_relative_to(directory.resolve())]
+        if outside:
+            raise ValueError(f"{index} names files outside {directory} ({outside[0]!r}); an index names the "
+                             "shards beside it only")
+        return [directory / shard for shard in shards]
     if (directory / HF_PYTORCH_BIN).is_file():
         return [directory / HF_PYTORCH_BIN]
     raise FileNotFoundError(f"{directory} has no {HF_SAFETENSORS} (nor {HF_SAFETENSORS_INDEX} or {HF_PYTORCH_BIN})")
+
+
+def read_hf_shapes(files: list[Path]) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor, from the safetensors headers (or a memory-mapped pytorch_model.bin):
+    nothing is read into memory."""
+    for file in files:
+        if file.suffix == ".bin":
+            for name, tensor in load_file(file, fix="delete it and download it again").items():
+                yield name, tuple(tensor.shape)
+            continue
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, tuple(f.get_slice(name).get_shape())
+
+
+def check_hf_shapes(config: GPTConfig, shapes: Iterable[tuple[str, tuple[int, ...]]], source: Path) -> None:
+    """Every parameter of the GPT that `config` describes has an HF tensor of its shape, and no tensor is
+    foreign: checked against the weights' headers before the model is built, so a config.json with huge
+    sizes fails here instead of allocating them."""
+    shapes = list(shapes)
+    layers = {match[1] for name, _ in shapes if (match := re.match(r"(?:transformer\.)?h\.(\d+)\.", name))}
+    if len(layers) != config.n_layer:  # before building even an empty model of n_layer blocks
+        raise ValueError(f"{source}: {HF_CONFIG} says n_layer={config.n_layer}, but the weights hold {len(layers)} "
+                         "layers")
+    with torch.device("meta"):  # the parameters' shapes, without their memory
+        expected = {name: tuple(p.shape) for name, p in GPT(config, "sdpa", "torch").named_parameters()}
+    missing = set(expected)
+    for hf_name, shape in shapes:
+        name = our_name(hf_name)
+        if name is None:
+            continue
+        if name not in expected:
+            raise ValueError(f"{source} has a tensor {hf_name!r} that GPT-2 does not have")
+        conv1d = name.endswith(HF_CONV1D_WEIGHTS)
+        if (shape[::-1] if conv1d else shape) != expected[name]:
+            raise ValueError(
+                f"{source}: {hf_name} has shape {shape}, but {HF_CONFIG} implies "
+                f"{expected[name][::-1] if conv1d else expected[name]}{' (Conv1D: (in, out))' if conv1d else ''}"
+            )
+        missing.discard(name)
+    if missing:
+        raise ValueError(f"{source} lacks {len(missing)} of the tensors its {HF_CONFIG} implies: "
+                         f"{', '.join(sorted(missing)[:5])}")
 
 
 def read_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -155,27 +209,13 @@ def our_name(hf_name: str) -> str | None:
 
 
 @torch.no_grad()
-def load_hf_tensors(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], source: Path) -> None:
-    """Copy HF GPT-2 tensors into the model, checking that every parameter gets one of the right shape."""
+def load_hf_tensors(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy HF GPT-2 tensors, whose names and shapes check_hf_shapes has checked, into the model."""
     params = dict(model.named_parameters())  # the tied lm_head.weight is listed once, as transformer.wte.weight
-    missing = set(params)
     for hf_name, tensor in tensors:
         name = our_name(hf_name)
-        if name is None:
-            continue
-        if name not in params:
-            raise ValueError(f"{source} has a tensor {hf_name!r} that GPT-2 does not have")
-        if name.endswith(HF_CONV1D_WEIGHTS):
-            tensor = tensor.t()
-        if tensor.shape != params[name].shape:
-            raise ValueError(
-                f"{source}: {hf_name} has shape {tuple(tensor.shape)}, but {HF_CONFIG} implies "
-                f"{tuple(params[name].shape)}{' (transposed, as Conv1D)' if name.endswith(HF_CONV1D_WEIGHTS) else ''}"
-            )
-        params[name].copy_(tensor)
-        missing.discard(name)
-    if missing:
-        raise ValueError(f"{source} lacks {len(missing)} of the model's tensors: {', '.join(sorted(missing)[:5])}")
+        if name is not None:
+            params[name].copy_(tensor.t() if name.endswith(HF_CONV1D_WEIGHTS) else tensor)
 
 
 def load_hf_gpt2(name_or_dir: str, override_args: dict, attn_impl: str, ln_impl: str) -> GPT:
@@ -192,9 +232,10 @@ def load_hf_gpt2(name_or_dir: str, override_args: dict, attn_impl: str, ln_impl:
         )
     dropout = override_args.get("dropout", 0.0)
     config, approximate = gpt_config_from_hf(json.loads(config_path.read_text()), config_path, dropout)
-    files = hf_weight_files(directory)  # before building the model: a missing file fails fast
+    files = hf_weight_files(directory)
+    check_hf_shapes(config, read_hf_shapes(files), directory)  # before building the model
     model = GPT(config, attn_impl, ln_impl)
-    load_hf_tensors(model, read_hf_tensors(files), directory)
+    load_hf_tensors(model, read_hf_tensors(files))
     set_gelu_approximate(model, approximate)
     return model
 

@@ -12,6 +12,7 @@
 - Every request goes through fileio's retry policy (429 and 5xx answers, Retry-After).
 """
 import os
+import re
 from dataclasses import dataclass
 
 from fileio import DownloadError, get
@@ -19,6 +20,11 @@ from fileio import DownloadError, get
 DEFAULT_ENDPOINT = "https://huggingface.co"
 ENDPOINT_ENV = "TRITONGPT_HF_ENDPOINT"  # overrides HF_ENDPOINT for this project only
 KINDS = ("model", "dataset")
+COMMIT = re.compile(r"[0-9a-f]{40}")  # a git commit as the hub names it: it goes into URLs, so nothing else may
+
+
+def is_commit(value: object) -> bool:
+    return isinstance(value, str) and COMMIT.fullmatch(value) is not None
 
 
 def endpoint() -> str:
@@ -47,13 +53,15 @@ def resolve_revision(base: str, kind: str, repo: str, revision: str = "main", hi
     """The commit (40 hex digits) that `revision` (a branch, a tag or a commit) names now."""
     response = get(f"{_api(base, kind, repo)}/revision/{revision}", auth_headers(), hint=hint)
     commit = response.json().get("sha")
-    if not isinstance(commit, str) or len(commit) != 40:
+    if not is_commit(commit):
         raise DownloadError(f"{base} did not name a commit for {repo}@{revision} (got {commit!r}){hint}")
     return commit
 
 
 def list_files(base: str, kind: str, repo: str, commit: str, folder: str = "", hint: str = "") -> list[RemoteFile]:
     """The files in `folder` of the repository at `commit`, from the tree API (which pages with Link headers)."""
+    if not is_commit(commit):
+        raise ValueError(f"{commit!r} is not a commit (40 hex digits)")
     url = f"{_api(base, kind, repo)}/tree/{commit}" + (f"/{folder}" if folder else "")
     entries = []
     while url:
@@ -65,5 +73,7 @@ def list_files(base: str, kind: str, repo: str, commit: str, folder: str = "", h
 
 
 def file_url(base: str, kind: str, repo: str, commit: str, path: str) -> str:
+    if not is_commit(commit):
+        raise ValueError(f"{commit!r} is not a commit (40 hex digits)")
     prefix = "datasets/" if kind == "dataset" else ""
     return f"{base}/{prefix}{repo}/resolve/{commit}/{path}"

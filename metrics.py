@@ -2,6 +2,7 @@
 and model FLOPs utilization (MFU) against the GPU's peak."""
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -78,21 +79,50 @@ class StepTimer:
 
 
 def log_metrics(out_dir: str | Path, record: dict) -> None:
-    with open(Path(out_dir) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one record to out_dir/metrics.jsonl. A line left torn by a killed run is ended first, so the
+    record lands on a line of its own."""
+    with open(Path(out_dir) / "metrics.jsonl", "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode())
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:
+    """The records of out_dir/metrics.jsonl, skipping (and saying so) lines that are not whole records: a
+    run killed while writing, or a full disk, leaves one torn."""
     path = Path(out_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    records, torn = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                record = None
+                torn += 1
+            if isinstance(record, dict) and isinstance(record.get("iter"), int):
+                records.append(record)
+    if torn:
+        print(f"{path}: skipped {torn} torn line(s), left by a run that was killed while writing", file=sys.stderr)
+    return records
 
 
 def plot_losses(out_dir: str | Path, tokens_per_iter: int) -> Path | None:
     """Draw out_dir/loss.png from metrics.jsonl: train (every logged step, and at evals) and val loss
-    against iterations, with tokens on a second axis. None when matplotlib is not installed."""
+    against iterations, with tokens on a second axis. None when matplotlib is not installed or drawing
+    fails: a plot is never worth a run, or the checkpoint saved after it, so a failure is only a warning."""
+    try:
+        return _plot_losses(out_dir, tokens_per_iter)
+    except Exception as error:  # a broken matplotlib, a full disk, odd records: all the same here
+        print(f"warning: could not draw {Path(out_dir) / 'loss.png'} ({type(error).__name__}: {error}); "
+              "training goes on", file=sys.stderr)
+        return None
+
+
+def _plot_losses(out_dir: str | Path, tokens_per_iter: int) -> Path | None:
     try:
         import matplotlib
 
@@ -119,7 +149,9 @@ def plot_losses(out_dir: str | Path, tokens_per_iter: int) -> Path | None:
                                                  lambda t: t * 1e6 / tokens_per_iter))
     tokens.set_xlabel("tokens (millions)")
     path = Path(out_dir) / "loss.png"
-    with atomic_open(path) as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_open(path) as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return path

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import checkpoint as ckpt
-from configurator import autocast, configure, resolve_compile, resolve_device, resolve_dtype
+from configurator import autocast, configure, error_boundary, resolve_compile, resolve_device, resolve_dtype
 from data import load_meta
 from fileio import DownloadError
 from generate import check_sampling
@@ -98,8 +98,13 @@ def read_prompt(start: str) -> str:
     path = start[len("FILE:") :]
     if not os.path.isfile(path):
         raise SystemExit(f"error: prompt file {path} not found (from start=FILE:{path})")
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SystemExit(f"error: prompt file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset "
+                         f"{error.start:,}); convert it, e.g. iconv -f latin1 -t utf-8 {path}") from None
 
 
 @dataclass
@@ -142,13 +147,12 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], batch
 
 
 def main() -> None:
+    error_boundary()  # a failure ends with one line saying what to do (TRITONGPT_DEBUG=1 shows the traceback)
     config = configure(globals())
     try:
         settings = SamplingSettings(**{key: config[key] for key in SamplingSettings.__dataclass_fields__})
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    if not isinstance(config["num_samples"], int) or config["num_samples"] < 1:
-        raise SystemExit(f"error: num_samples must be an integer >= 1, got {config['num_samples']!r}")
     torch.manual_seed(config["seed"])
     device = resolve_device(config["device"])
     dtype = resolve_dtype(config["dtype"], device)

@@ -45,9 +45,9 @@ import metrics
 import parallelism
 import pipeline
 import training
-from configurator import autocast, configure, resolve_compile, resolve_device, resolve_dtype
+from configurator import autocast, configure, error_boundary, resolve_compile, resolve_device, resolve_dtype
 from data import TokenSplit, load_meta
-from fileio import DownloadError
+from fileio import DownloadError, remove_stale_temp_files, writable_directory
 from model import GPT, SWITCHES, GPTConfig
 from optim import build_optimizer, set_lr
 from select_impl import choose_impls
@@ -120,7 +120,9 @@ compile: bool | str = "auto"  # torch.compile the model; 'auto' compiles on CUDA
 seed = 1337
 torch_threads = 0  # CPU threads for torch; 0 keeps torch's default
 # -----------------------------------------------------------------------------
-config = configure(globals())
+error_boundary()  # a failure ends with one line saying what to do, not a traceback (TRITONGPT_DEBUG=1 shows it)
+given_keys: set[str] = set()  # the keys a config file or flag set: some cannot change on resume
+config = configure(globals(), given=given_keys)
 # -----------------------------------------------------------------------------
 
 
@@ -143,10 +145,6 @@ if consolidate:
     raise SystemExit
 
 # processes and devices
-if early_stopping_patience < 0:
-    fail(f"early_stopping_patience must be >= 0 (0 turns it off), got {early_stopping_patience}")
-if parallel not in ("ddp", "fsdp"):
-    fail(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
 if parallel == "fsdp" and "RANK" not in os.environ:
     fail("--parallel=fsdp shards the model across processes; run under torchrun, e.g. "
          "torchrun --standalone --nproc_per_node=8 train.py ... --parallel=fsdp")
@@ -167,7 +165,9 @@ if torch_threads > 0:
     torch.set_num_threads(torch_threads)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master_process:
-    os.makedirs(out_dir, exist_ok=True)
+    writable_directory(out_dir, "out_dir")
+    for stale in remove_stale_temp_files(out_dir):
+        print(f"removed {stale}, left by a run that died while writing it")
     print(f"device {device}, dtype {dtype}, compile {compile}, {dist.world_size} process(es)"
           + (f" ({layout.describe()})" if layout.model_parallel > 1 else ""))
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
@@ -210,6 +210,9 @@ try:
             metrics.log_metrics(out_dir, {"iter": iter_num, "event": "resume", "restart": dist.restart_count})
     else:
         model = GPT.from_pretrained(init_from, dict(dropout=dropout), attn_impl=attn_impl, ln_impl=ln_impl)
+    if init_from != "scratch":
+        source = checkpoint.path if checkpoint is not None else f"init_from={init_from!r}"
+        config = ckpt.keep_architecture(model.config, config, given_keys, source)
 except (ckpt.CheckpointError, DownloadError, ValueError, FileNotFoundError) as error:
     fail(str(error))
 if block_size < model.config.block_size:
@@ -237,6 +240,8 @@ model.to(device)
 torch.manual_seed(seed + layout.data_rank)
 try:
     splits = {split: TokenSplit(data_dir, split, dataset, model.config.vocab_size) for split in ("train", "val")}
+    for split in splits.values():
+        split.windows(block_size)  # a split too small for one window: now, not at the first eval
 except (FileNotFoundError, ValueError) as error:
     fail(str(error))
 batches = training.Batches(splits, batch_size, block_size, device, seed)
@@ -266,6 +271,7 @@ if checkpoint is not None:
         ckpt.load_weights_into(checkpoint, model, opt, make_optimizer)
     except ckpt.CheckpointError as error:
         fail(str(error))
+    ckpt.check_finite_weights(model, checkpoint.path)
     if checkpoint.state.get("scaler"):
         scaler.load_state_dict(checkpoint.state["scaler"])
     ckpt.restore_rng_states(checkpoint.state.get("rng"), device, dist.rank, dist.world_size,
@@ -315,7 +321,8 @@ def train_batch(micro_step: int) -> training.Batch:
 
 def stop_diverged(what: str) -> None:
     fail(f"{what}: training diverged. Nothing more is saved, so the checkpoints in {out_dir} keep the last good "
-         "weights; lower learning_rate, raise warmup_iters or set grad_clip, then continue with --init_from=resume.")
+         "weights; lower learning_rate, raise warmup_iters or set grad_clip, then continue with --init_from=resume "
+         "(or, if this run started from that checkpoint, start again from an earlier one or from scratch).")
 
 
 # -----------------------------------------------------------------------------
@@ -325,6 +332,7 @@ stop_signal = training.StopSignal().install()
 step_timer = metrics.StepTimer()
 peak_flops = metrics.gpu_peak_flops(device, dtype)
 stopped_by_signal = False
+start_iter = iter_num
 resumed_at = iter_num if init_from == "resume" else None
 while True:
     final = iter_num >= max_iters
@@ -390,6 +398,9 @@ while True:
         break
 
 stop_signal.uninstall()
+if iter_num == start_iter and not eval_only and master_process:
+    print(f"max_iters={max_iters} and the run starts at iter {start_iter}: no step was taken, so nothing was saved",
+          file=sys.stderr)
 if stopped_by_signal and master_process:
     print(f"stopped at iter {iter_num}; to continue, run the same command with --init_from=resume "
           f"(out_dir={out_dir})", file=sys.stderr)

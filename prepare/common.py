@@ -12,6 +12,7 @@ import requests
 import tiktoken
 
 import data
+from configurator import UserError
 from fileio import DownloadError, atomic_open, check_existing, download, file_problem
 
 MIRROR_ENV = "TRITONGPT_MIRROR"
@@ -22,7 +23,7 @@ TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca5
 TINYSHAKESPEARE_SIZE = 1_115_394
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """A problem the user can fix; the scripts print its message without a traceback."""
 
 

@@ -75,7 +75,14 @@ def pinned_commit(base: str, repo: str, data_dir: Path) -> str:
     record = data_dir / REVISION_FILE
     latest = hub.resolve_revision(base, "dataset", repo, hint=HUB_HINT)
     if record.is_file():
-        recorded = json.loads(record.read_text())
+        try:
+            recorded = json.loads(record.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise common.PrepareError(f"{record} is not JSON ({error}); delete it (and the shards beside it, which "
+                                      "it dates) to start afresh") from None
+        if not isinstance(recorded, dict) or not hub.is_commit(recorded.get("commit")):
+            raise common.PrepareError(f"{record} does not name a commit (40 hex digits, as the hub writes it), so "
+                                      "it was edited or damaged; delete it and the shards beside it to start afresh")
         if recorded.get("repo") != repo:
             raise common.PrepareError(f"{data_dir} was made from {recorded.get('repo')}, not {repo}; use another "
                                       "--data_dir, or delete that one")
@@ -116,7 +123,7 @@ def documents(parquet_paths: Iterable[Path], start: int) -> Iterator[str]:
         if "text" not in pf.schema_arrow.names:
             raise common.PrepareError(f"{path} has no 'text' column (columns: {pf.schema_arrow.names})")
         for batch in pf.iter_batches(batch_size=1024, columns=["text"]):
-            texts = batch.column(0).to_pylist()
+            texts = ["" if text is None else text for text in batch.column(0).to_pylist()]  # a null row: no text
             yield from texts[start:]
             start = max(start - len(texts), 0)
 

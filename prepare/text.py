@@ -6,7 +6,7 @@
 Then train with `python train.py --dataset=poems`; for char, train.py reads the vocabulary size from meta.json.
 
 - Each input file is one document. Files come in the order given on the command line, each glob's
-  matches sorted by name; a file named twice is read once. They must be UTF-8. Line endings are
+  matches sorted by name; a file named twice (or reached again through a symlink) is read once. They must be UTF-8. Line endings are
   normalized to \\n, as Python's text mode (and so nanoGPT) does.
 - char: the vocabulary is the sorted set of characters in all the files, written to meta.json and to
   meta.pkl in nanoGPT's format; documents are concatenated as they are, since a char vocabulary has no separator.
@@ -29,7 +29,9 @@ from prepare import common  # noqa: E402
 
 
 def input_files(patterns: list[str]) -> list[Path]:
-    files: dict[Path, None] = {}  # a dict keeps the order and drops repeats
+    """The files the patterns name, in order, each once: a file reached by two names (a symlink, a loop of
+    linked folders under **) would otherwise be read twice and could land in both train and val."""
+    files: dict[Path, Path] = {}  # real path -> the first name it was found under; a dict keeps the order
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
@@ -37,8 +39,8 @@ def input_files(patterns: list[str]) -> list[Path]:
         for match in map(Path, matches):
             if match.is_dir():
                 raise common.PrepareError(f"--input {match} is a directory; name the files in it, e.g. '{match}/*.txt'")
-            files[match] = None
-    return list(files)
+            files.setdefault(match.resolve(), match)
+    return list(files.values())
 
 
 def read_document(path: Path) -> str:

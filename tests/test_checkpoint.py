@@ -235,3 +235,59 @@ def test_a_sharded_model_entry_that_is_not_a_tensor_is_refused(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode != 0 and "model entries must be tensors" in out.stderr and "Traceback" not in out.stderr
     assert not marker.exists()
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_as_it_was(tmp_path, monkeypatch):
+    """The new checkpoint goes to a temp name first: a save that fails after writing half of it leaves
+    ckpt.pt byte for byte the previous one, and no temp file."""
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    state = ckpt.train_state(model, 1, 2.0, {}, {}, {})
+    ckpt.save(tmp_path, False, model, optimizer, state, sharded=False, master=True)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def dies_midway(obj, f):
+        f.write(before[: len(before) // 2])
+        raise KeyboardInterrupt  # a second Ctrl-C, say
+
+    monkeypatch.setattr(ckpt.torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(tmp_path, False, model, optimizer, {**state, "iter_num": 2}, sharded=False, master=True)
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_weights_that_do_not_fit_model_args_are_a_clear_error(tmp_path):
+    torch.manual_seed(0)
+    saved = nanogpt_checkpoint(GPT(TINY))
+    saved["model_args"]["n_embd"] = 32  # edited by hand, or the weights of another model
+    torch.save(saved, tmp_path / "ckpt.pt")
+    found = ckpt.find(tmp_path, latest=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt\.pt: its weights do not fit the model its model_args "
+                                                   r"describe \(.*size mismatch"):
+        ckpt.build_model(found)
+
+
+def test_non_finite_weights_are_refused_where_they_are_loaded(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    ckpt.check_finite_weights(model, "ok")
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[3, 4] = float("nan")
+    with pytest.raises(ckpt.CheckpointError, match=r"x/ckpt\.pt holds non-finite weights \(transformer\.h\.0\.mlp\."
+                                                   r"c_fc\.weight .*resume from an earlier checkpoint or train again"):
+        ckpt.check_finite_weights(model, "x/ckpt.pt")
+
+
+def test_a_resumed_model_keeps_its_architecture():
+    """Architecture keys the user set to other values than the checkpoint's cannot apply: refused. Those left
+    at their defaults take the model's values, so the saved config agrees with model_args."""
+    config = GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=2, n_embd=16, bias=False, norm="rmsnorm")
+    run = {"n_layer": 12, "n_head": 12, "n_embd": 768, "bias": False, "norm": "layernorm", "dropout": 0.1,
+           "learning_rate": 1e-3}
+    kept = ckpt.keep_architecture(config, run, given={"dropout", "learning_rate", "bias"}, source="out/ckpt.pt")
+    assert kept == {**run, "n_layer": 1, "n_head": 2, "n_embd": 16, "norm": "rmsnorm"}
+    with pytest.raises(ValueError, match=r"the model from out/ckpt\.pt keeps its architecture, so n_layer=4 \(it has "
+                                         r"1\), norm='layernorm' \(it has 'rmsnorm'\) cannot apply; drop the setting"):
+        ckpt.keep_architecture(config, {**run, "n_layer": 4}, given={"n_layer", "norm"}, source="out/ckpt.pt")

@@ -418,3 +418,31 @@ def test_weights_not_matching_config(hf_dir):
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "n_embd": 128}))
     with pytest.raises(ValueError, match="has shape"):
         GPT.from_pretrained(str(hf_dir[0]))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(n_layer=1_000_000), "config.json says n_layer=1000000, but the weights hold 2 layers"),
+    (dict(vocab_size=10**10), r"wte\.weight has shape \(100, 64\), but config\.json implies \(10000000000, 64\)"),
+    (dict(n_embd=4096, n_head=4), r"c_attn\.bias has shape \(192,\), but config\.json implies \(12288,\)"),
+])
+def test_a_config_that_does_not_fit_its_weights_fails_before_allocating(hf_dir, change, message):
+    """Huge sizes in config.json are checked against the weights' headers before the model is built: 10^10
+    embeddings would ask for 2.5 TB (a RuntimeError from the allocator, not this ValueError)."""
+    config_path = hf_dir[0] / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
+    with pytest.raises(ValueError, match=message):
+        GPT.from_pretrained(str(hf_dir[0]))
+
+
+def test_an_index_that_points_outside_its_folder_is_refused(hf_models, tmp_path):
+    directory = tmp_path / "model"
+    directory.mkdir()
+    shutil.copy(hf_models["seed0"].directory / "config.json", directory)
+    shutil.copy(hf_models["seed0"].directory / "model.safetensors", tmp_path / "elsewhere.safetensors")
+    index = {"metadata": {}, "weight_map": {"transformer.wte.weight": "../elsewhere.safetensors"}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"names files outside .*'\.\./elsewhere\.safetensors'"):
+        GPT.from_pretrained(str(directory))
+    (directory / "model.safetensors.index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="is not a safetensors index"):
+        GPT.from_pretrained(str(directory))

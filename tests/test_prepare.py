@@ -358,8 +358,9 @@ def fineweb_hub(server, tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     enc = common.gpt2_encoding()
-    # The middle file has more rows than one read batch (1024), so resuming can land in a later batch.
-    documents = {"000_00000.parquet": fake_documents(0, 40, 300) + ["", "a literal <|endoftext|> in the text"],
+    # The middle file has more rows than one read batch (1024), so resuming can land in a later batch. A null
+    # row (None) is a document without text, as an empty one.
+    documents = {"000_00000.parquet": fake_documents(0, 40, 300) + ["", None, "a literal <|endoftext|> in the text"],
                  "001_00000.parquet": fake_documents(1, 1500, 12),
                  "002_00000.parquet": fake_documents(2, 30, 200)}
     listing = [{"type": "directory", "path": "sample/10BT/extra", "oid": "0", "size": 0}]
@@ -374,7 +375,7 @@ def fineweb_hub(server, tmp_path):
     server.files[FINEWEB_API] = json_bytes(listing[:2])
     server.headers[FINEWEB_API] = {"Link": f'<{server.url}{FINEWEB_API}?cursor=2>; rel="next"'}
     server.files[FINEWEB_API + "?cursor=2"] = json_bytes(listing[2:])
-    stream = [np.array([common.EOT] + enc.encode_ordinary(doc), dtype=np.uint16)
+    stream = [np.array([common.EOT] + enc.encode_ordinary(doc or ""), dtype=np.uint16)
               for docs in documents.values() for doc in docs]
     return server, np.concatenate(stream)
 
@@ -477,6 +478,22 @@ def test_fineweb_keeps_the_commit_it_started_from(fineweb_hub, tmp_path, capsys)
     (tmp_path / "hub_revision.json").write_text(json.dumps({"repo": "HuggingFaceFW/fineweb", "commit": moved}))
     with pytest.raises(common.PrepareError, match="was made from HuggingFaceFW/fineweb, not HuggingFaceFW/fineweb-edu"):
         run_fineweb(*args, "--shards", "4")
+
+
+@pytest.mark.parametrize("record, message", [
+    ('{"repo": "HuggingFaceFW/fineweb-edu", "commit": "../../../../evil?x="}', "does not name a commit"),
+    ('{"repo": "HuggingFaceFW/fineweb-edu", "commit": "ABCDEF0123456789abcdef0123456789abcdef01"}', "does not name a"),
+    ('{"repo": "HuggingFaceFW/fineweb-edu", "comm', "is not JSON"),
+    ('["a list"]', "does not name a commit"),
+])
+def test_a_damaged_revision_record_is_refused_before_any_file_request(fineweb_hub, tmp_path, record, message):
+    """The recorded commit goes into the hub's URLs, with HF_TOKEN attached: anything but 40 hex digits is
+    refused, so no request can be steered to another path of the hub's host."""
+    server, _ = fineweb_hub
+    (tmp_path / "hub_revision.json").write_text(record)
+    with pytest.raises(common.PrepareError, match=rf"hub_revision\.json {message}.*delete it"):
+        run_fineweb("--hub_url", server.url, "--shard_size", "1000", "--data_dir", str(tmp_path))
+    assert [path for path, _ in server.requests] == [FINEWEB_REVISION]
 
 
 def test_fineweb_subsets(fineweb_hub, tmp_path):

@@ -1,4 +1,5 @@
 """prepare/text.py: custom corpora, char and GPT-2 BPE."""
+import glob
 import io
 import os
 import pickle
@@ -97,3 +98,17 @@ def test_char_vocabulary_too_large(tmp_path, monkeypatch):
     (tmp_path / "wide.txt").write_text("".join(chars[:65_537]), encoding="utf-8")
     with pytest.raises(common.PrepareError, match="65,537 distinct characters.*use the gpt2 tokenizer"):
         text.main(["--name", "x", "--input", "wide.txt"])
+
+
+def test_a_file_reached_by_several_names_is_read_once(corpus, monkeypatch):
+    """A symlink to a file and a loop of linked folders under ** reach the same files again and again: each is
+    one document all the same, so none lands in both train and val."""
+    monkeypatch.chdir(corpus)
+    (corpus / "in" / "again.txt").symlink_to(corpus / "in" / "a.txt")
+    (corpus / "in" / "loop").symlink_to(corpus / "in", target_is_directory=True)
+    assert len(glob.glob("in/**/*.txt", recursive=True)) > 10  # the loop, followed many times
+    files = text.input_files(["in/**/*.txt"])
+    assert [path.resolve() for path in files] == [(corpus / "in" / name).resolve() for name in sorted(DOCS)]
+    text.main(["--name", "looped", "--input", "in/**/*.txt", "--tokenizer", "gpt2"])
+    tokens = read_tokens(corpus / "data" / "looped" / "train.bin") + read_tokens(corpus / "data" / "looped" / "val.bin")
+    assert tokens.count(common.EOT) == len(DOCS)

@@ -48,7 +48,7 @@ def samples(stdout: str, separator="---------------") -> list[str]:
 
 def test_char_samples_continue_the_prompt(char_run):
     out = run_sample(char_run, "--out_dir=out", "--start=ROMEO:", "--num_samples=3", "--max_new_tokens=40")
-    texts = samples(out.stdout.split("(meta.pkl)\n", 1)[1])
+    texts = samples(out.stdout.split("(its meta file)\n", 1)[1])
     assert len(texts) == 3 and all(t.startswith("ROMEO:") and len(t) == len("ROMEO:") + 40 for t in texts)
     assert set("".join(texts)) <= set(CHARS)
     assert len(set(texts)) > 1  # sampled, not greedy
@@ -58,9 +58,9 @@ def test_greedy_stream_prints_what_the_batch_prints_and_past_block_size(char_run
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("JULIET, thou art")
     common = ["--out_dir=out", f"--start=FILE:{prompt}", "--num_samples=2", "--max_new_tokens=30", "--temperature=0"]
-    batch = samples(run_sample(char_run, *common).stdout.split("(meta.pkl)\n", 1)[1])
-    streamed = samples(run_sample(char_run, *common, "--stream=True").stdout.split("(meta.pkl)\n", 1)[1])
-    no_cache = samples(run_sample(char_run, *common, "--kv_cache=False").stdout.split("(meta.pkl)\n", 1)[1])
+    batch = samples(run_sample(char_run, *common).stdout.split("(its meta file)\n", 1)[1])
+    streamed = samples(run_sample(char_run, *common, "--stream=True").stdout.split("(its meta file)\n", 1)[1])
+    no_cache = samples(run_sample(char_run, *common, "--kv_cache=False").stdout.split("(its meta file)\n", 1)[1])
     assert batch == streamed == no_cache
     assert batch[0] == batch[1] and batch[0].startswith("JULIET, thou art")
 
@@ -97,13 +97,13 @@ def test_gpt2_bpe_and_stop_at_eot(tmp_path):
 @pytest.mark.parametrize("option,message", [
     ("--top_p=0", None),  # greedy, never a crash
     ("--top_k=0", "top_k must be an integer >= 1"),
-    ("--num_samples=0", "num_samples must be an integer >= 1"),
+    ("--num_samples=0", "num_samples must be >= 1, got 0"),
 ])
 def test_sampling_settings_are_checked(char_run, option, message):
     out = run_sample(char_run, "--out_dir=out", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=10", option,
                      check=message is None)
     if message is None:
-        texts = samples(out.stdout.split("(meta.pkl)\n", 1)[1])
+        texts = samples(out.stdout.split("(its meta file)\n", 1)[1])
         assert len(texts) == 2 and texts[0] == texts[1]  # top_p=0 keeps only the most likely token
     else:
         assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
@@ -126,3 +126,34 @@ def test_gpt2_tokenizer_that_cannot_be_had_is_a_clear_error(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "Could not load the GPT-2 tokenizer" in out.stderr and "TIKTOKEN_CACHE_DIR" in out.stderr
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a GPT in generate_text: its stream yields the given columns of tokens, one per step."""
+
+    def __init__(self, columns: list[list[int]]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.columns = columns
+
+    def generate_stream(self, idx, max_new_tokens, temperature, top_k, **kwargs):
+        for column in self.columns[:max_new_tokens]:
+            yield torch.tensor(column).unsqueeze(1)
+
+
+def test_stop_at_eot_ends_each_sample_at_its_own_eot():
+    """Three samples: the first ends at step 1, the second at step 3, the third never. A sample that has ended
+    gets no more tokens while the others go on."""
+    from sample import SamplingSettings, Tokenizer, generate_text
+
+    eot = 0  # decoded as "|"; ids 1..26 are the letters a..z
+    tokenizer = Tokenizer(lambda text: [ord(c) - 96 for c in text],
+                          lambda ids: "".join("|" if i == eot else chr(96 + i) for i in ids).encode(), eot)
+    steps = [[1, 2, 3], [eot, 2, 3], [4, 5, 6], [5, eot, 7], [6, 8, 8]]  # each step: samples 0, 1, 2
+    streamed = []
+    texts = generate_text(ScriptedModel(steps), tokenizer, [26], 3, SamplingSettings(max_new_tokens=5, stop_at_eot=True),
+                          on_token=streamed.append)
+    assert texts == ["za", "zbbe", "zccfgh"]
+    assert streamed == [b"a"]  # sample 0's tokens, up to its end
+    everything = generate_text(ScriptedModel(steps), tokenizer, [26], 3, SamplingSettings(max_new_tokens=5))
+    assert everything == ["za|def", "zbbe|h", "zccfgh"]

@@ -2,16 +2,20 @@
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+import fileio
 from checkpoint import load_file
 from conftest import REPO
+from model import GPT, GPTConfig
 
 TINY = [
     "--device=cpu", "--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
@@ -59,8 +63,15 @@ def fault_env(tmp_path, action: str, after_steps: int, rank: int | None = None, 
 
 
 def metrics(out_dir):
+    """The records of metrics.jsonl, but for a torn line a test planted."""
+    records = []
     with open(out_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 def val_losses(out_dir):
@@ -252,7 +263,7 @@ def test_modern_recipe_with_muon_resumes_exactly_and_samples(workdir):
 def test_bad_recipe_values_are_clear_errors(workdir):
     for flag, message in (("--pos_embedding=alibi", "pos_embedding must be one of ('learned', 'rope')"),
                           ("--logit_softcap=-1.0", "logit_softcap must be 0 (off) or a positive cap"),
-                          ("--optimizer=lion", "optimizer must be one of ('adamw', 'muon')")):
+                          ("--optimizer=lion", "optimizer must be one of 'adamw', 'muon', got 'lion'")):
         result = run_train(workdir, flag, "--max_iters=1", "--out_dir=bad_recipe", check=False)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
 
@@ -296,3 +307,154 @@ def test_compile_on_cpu_trains(workdir):
     vals = val_losses(out)
     assert math.isfinite(vals[6]) and vals[6] < vals[0]
     assert not any(name.startswith("_orig_mod.") for name in load_file(out / "ckpt.pt")["model"])
+
+
+# -----------------------------------------------------------------------------
+# Misuse and accidents: clear one-line errors, nothing that runs code, nothing that blocks the next run
+
+
+class CreatesAFile:
+    """Unpickling this calls open(path, "w"): any code could run in its place."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0], result.stderr
+
+
+def test_a_meta_pkl_that_would_run_code_runs_nothing(workdir, tmp_path):
+    """A downloaded dataset's meta.pkl, or one that a downloaded model's config points sample.py at."""
+    marker = tmp_path / "created_by_unpickling"
+    evil = tmp_path / "data" / "evil"
+    evil.mkdir(parents=True)
+    for name in ("train.bin", "val.bin"):
+        shutil.copy(workdir / "data" / "shakespeare_char" / name, evil)
+    (evil / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "itos": CreatesAFile(marker), "stoi": {}}))
+    result = run_train(tmp_path, "--dataset=evil", "--max_iters=1", check=False)
+    assert_one_line_error(result, "meta.pkl is not a usable dataset vocabulary", "names io.open")
+    assert not marker.exists()
+    model = GPT(GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=2, n_embd=16))
+    args = {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")}
+    (tmp_path / "downloaded").mkdir()
+    torch.save({"model": model.state_dict(), "model_args": args, "iter_num": 1, "best_val_loss": 2.0,
+                "config": {"dataset": "fine", "data_dir": str(evil)}}, tmp_path / "downloaded" / "ckpt.pt")
+    out = subprocess.run([sys.executable, str(REPO / "sample.py"), "--device=cpu", "--out_dir=downloaded"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(out, "meta.pkl is not a usable dataset vocabulary")
+    assert not marker.exists()
+
+
+def tiny_split_dataset(workdir, root, name, val_tokens):
+    directory = root / "data" / name
+    directory.mkdir(parents=True)
+    shutil.copy(workdir / "data" / "shakespeare_char" / "train.bin", directory)
+    shutil.copy(workdir / "data" / "shakespeare_char" / "meta.json", directory)
+    (directory / "val.bin").write_bytes(np.arange(val_tokens, dtype=np.uint16).tobytes())
+
+
+def test_settings_and_files_that_cannot_work_end_in_one_line(workdir, tmp_path):
+    """A few of the configurator's checks (each is tested in-process in test_config.py) and of the setup's,
+    as the user sees them: one line that names the problem, no traceback, nothing trained."""
+    tiny_split_dataset(workdir, tmp_path, "short_val", 20)
+    tiny_split_dataset(workdir, tmp_path, "empty_val", 0)
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        (["--grad_clip=-1"], ["grad_clip must be >= 0 (0 turns clipping off), got -1.0"]),
+        (["--gradient_accumulation_steps=0"], ["gradient_accumulation_steps must be >= 1, got 0"]),
+        (["--eval_iters=-1"], ["eval_iters must be >= 1, got -1"]),
+        (["--dtype=float64"], ["dtype must be one of"]),
+        (["--out_dir=a_file"], ["out_dir='a_file' is a file, not a directory"]),
+        (["--dataset=short_val"], ["val split", "too small for block_size=32", "has 20 tokens"]),
+        (["--dataset=empty_val"], ["val split", "too small for block_size=32", "has 0 tokens"]),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device=cuda"], ["device='cuda', but PyTorch sees no CUDA GPU here"]))
+    for flags, fragments in cases:
+        assert_one_line_error(run_train(tmp_path, *flags, "--max_iters=1", check=False), *fragments)
+    assert not list(tmp_path.glob("out/ckpt*"))
+
+
+def test_resume_refuses_what_cannot_apply_and_is_never_blocked_by_a_crash(workdir):
+    """On one out_dir: a torn metrics line and the temp file of a save killed by kill -9 do not block the
+    resume (both are dealt with, and said); an architecture flag the checkpoint cannot take is refused; a
+    checkpoint whose weights went NaN is refused without suggesting to resume it."""
+    out = workdir / "mishaps"
+    run_train(workdir, f"--out_dir={out.name}", "--max_iters=2", "--eval_interval=2")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 2, "loss": 4.')  # kill -9 in the middle of a write
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out / f".ckpt.pt.{dead.pid}.0123abcd.{fileio._host()}.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    result = run_train(workdir, f"--out_dir={out.name}", "--max_iters=4", "--eval_interval=2", "--init_from=resume")
+    assert f"removed {out.name}/{stale.name}" in result.stdout and not stale.exists()
+    assert "skipped 1 torn line(s)" in result.stderr
+    assert sorted(val_losses(out)) == [0, 2, 4] and load_file(out / "ckpt.pt")["iter_num"] == 4
+
+    refused = run_train(workdir, f"--out_dir={out.name}", "--max_iters=6", "--init_from=resume", "--n_layer=4",
+                        check=False)
+    assert_one_line_error(refused, "n_layer=4 (it has 2)", "cannot apply")
+    same = run_train(workdir, f"--out_dir={out.name}", "--max_iters=5", "--eval_interval=5", "--init_from=resume",
+                     "--n_layer=2")
+    assert load_file(out / "ckpt.pt")["config"]["n_head"] == 2, same.stdout  # the model's, not the default 12
+
+    state = torch.load(out / "ckpt.pt", weights_only=True)  # not memory-mapped: the file is written over next
+    state["model"] = {name: torch.full_like(t, float("nan")) if "c_fc" in name else t for name, t in state["model"].items()}
+    torch.save(state, out / "ckpt.pt")
+    nan = run_train(workdir, f"--out_dir={out.name}", "--max_iters=8", "--init_from=resume", check=False)
+    assert_one_line_error(nan, "holds non-finite weights", "resume from an earlier checkpoint or train again")
+    assert "--init_from=resume" not in nan.stderr
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(workdir, tmp_path):
+    out = workdir / "full_disk"
+    run_train(workdir, f"--out_dir={out.name}", "--max_iters=2", "--eval_interval=2")
+    before = (out / "ckpt.pt").read_bytes()
+    env = fault_env(tmp_path, "import errno, torch\n"
+                              "            def full(*args, **kwargs):\n"
+                              "                raise OSError(errno.ENOSPC, 'No space left on device')\n"
+                              "            torch.save = full", after_steps=1)
+    result = run_train(workdir, f"--out_dir={out.name}", "--max_iters=4", "--eval_interval=2", "--init_from=resume",
+                       check=False, env=env)
+    assert_one_line_error(result, "no space left on the device holding", "writing ckpt.pt stopped after",
+                          "it needs", "bytes are free there now")
+    assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob(".*.tmp"))
+
+
+def test_a_plot_that_cannot_be_drawn_never_costs_the_checkpoint(workdir, tmp_path):
+    out = workdir / "no_plot"
+    env = fault_env(tmp_path, "import matplotlib.figure\n"
+                              "            def broken(*args, **kwargs):\n"
+                              "                raise RuntimeError('no fonts')\n"
+                              "            matplotlib.figure.Figure.savefig = broken", after_steps=1)
+    result = run_train(workdir, f"--out_dir={out.name}", "--max_iters=2", "--eval_interval=2", env=env)
+    assert "warning: could not draw" in result.stderr and "no fonts" in result.stderr  # at the eval of iter 2
+    assert load_file(out / "ckpt.pt")["iter_num"] == 2
+
+
+def test_resumed_early_stopping_keeps_counting_evals_since_the_best(workdir):
+    """With learning_rate 0 every eval equals the first (the same batches), so none improves: patience 3 stops
+    at the third eval after iter 0, iter 6, whether the run stops at 4 (two evals counted) and resumes or not."""
+    common = ["--eval_interval=2", "--early_stopping_patience=3", "--learning_rate=0", "--min_lr=0", "--max_iters=20"]
+    whole = run_train(workdir, *common, "--out_dir=patience_whole")
+    run_train(workdir, *common[:-1], "--out_dir=patience_split", "--max_iters=4")
+    resumed = run_train(workdir, *common, "--out_dir=patience_split", "--init_from=resume")
+    for result in (whole, resumed):
+        assert "early stopping at iter 6" in result.stdout and "for 3 evals" in result.stdout
+    assert load_file(workdir / "patience_split" / "ckpt.pt")["iter_num"] == 6
+
+
+def test_zero_iterations_say_nothing_was_saved(workdir):
+    result = run_train(workdir, "--out_dir=zero_steps", "--max_iters=0")
+    assert "max_iters=0 and the run starts at iter 0: no step was taken, so nothing was saved" in result.stderr
+    assert not (workdir / "zero_steps" / "ckpt.pt").exists()

@@ -46,17 +46,19 @@ def tiny_model(seed=0):
 
 
 def test_accumulated_micro_steps_equal_one_big_batch():
-    """4 micro-batches of 2 rows, accumulated, give the gradients and update of one batch of 8 (fp32)."""
+    """4 micro-batches of 2 rows, accumulated, give the gradient (the update) of one batch of 8 (fp32)."""
     data = torch.randint(0, TINY.vocab_size, (8, TINY.block_size + 1), generator=torch.Generator().manual_seed(1))
     x, y = data[:, :-1], data[:, 1:]
     results = []
     for micro_batches in (1, 4):
         model = tiny_model()
-        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+        # SGD with lr 1 and no clipping: the update is the gradient itself, so a gradient off by any factor
+        # (a loss not divided by the micro-steps) shows; Adam's normalized step would nearly hide it
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         rows = 8 // micro_batches
         loss = training.train_step(model, optimizer, scaler, lambda i: (x[i * rows:(i + 1) * rows], y[i * rows:(i + 1) * rows]),
-                                   micro_batches, 1.0, torch.autocast("cpu", enabled=False))
+                                   micro_batches, 0.0, torch.autocast("cpu", enabled=False))
         results.append((loss.item(), [p.detach().clone() for p in model.parameters()]))
     (loss_one, params_one), (loss_four, params_four) = results
     assert loss_four == pytest.approx(loss_one, rel=1e-6)
@@ -166,3 +168,30 @@ def test_loss_plot_is_written_atomically(tmp_path):
     path = metrics.plot_losses(tmp_path, tokens_per_iter=1000)
     assert path == tmp_path / "loss.png" and path.read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
+
+
+def test_a_torn_last_line_is_skipped_said_and_never_glued_to_the_next(tmp_path, capsys):
+    """kill -9 (or a full disk) in the middle of a write leaves half a line: reading skips it and says so,
+    and the next run's first record still gets a line of its own."""
+    metrics.log_metrics(tmp_path, {"iter": 0, "train_loss": 4.0, "val_loss": 4.1})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 1, "loss": 3.')
+    assert metrics.read_metrics(tmp_path) == [{"iter": 0, "train_loss": 4.0, "val_loss": 4.1}]
+    assert "skipped 1 torn line(s)" in capsys.readouterr().err
+    metrics.log_metrics(tmp_path, {"iter": 1, "loss": 3.5})
+    assert metrics.read_metrics(tmp_path)[-1] == {"iter": 1, "loss": 3.5}
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines()[-1] == '{"iter": 1, "loss": 3.5}'
+
+
+def test_a_plot_that_fails_is_a_warning_not_a_crash(tmp_path, monkeypatch, capsys):
+    matplotlib = pytest.importorskip("matplotlib.figure")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(matplotlib.Figure, "savefig", broken)
+    metrics.log_metrics(tmp_path, {"iter": 0, "train_loss": 4.0, "val_loss": 4.1})
+    assert metrics.plot_losses(tmp_path, tokens_per_iter=1000) is None
+    err = capsys.readouterr().err
+    assert "warning: could not draw" in err and "no fonts" in err and "training goes on" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
