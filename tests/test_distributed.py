@@ -228,7 +228,7 @@ def test_parallel_mistakes_are_clear_errors(workdir):
     no_torchrun = run_train(workdir, "--parallel=fsdp", "--max_iters=1", check=False)
     assert no_torchrun.returncode != 0 and "run under torchrun" in no_torchrun.stderr
     unknown = run_train(workdir, "--parallel=zero3", "--max_iters=1", check=False)
-    assert unknown.returncode != 0 and "'ddp' or 'fsdp'" in unknown.stderr
+    assert unknown.returncode != 0 and "parallel must be one of 'ddp', 'fsdp', got 'zero3'" in unknown.stderr
     nothing = run_train(workdir, "--out_dir=empty", "--consolidate=True", check=False)
     assert nothing.returncode != 0 and "ckpt_dcp" in nothing.stderr and "not found" in nothing.stderr
     indivisible = run_train(workdir, "--max_iters=1", "--gradient_accumulation_steps=3", "--out_dir=bad",
