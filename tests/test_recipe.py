@@ -30,8 +30,9 @@ def batch(seed=1, rows=4, length=16, vocab=50):
 def test_all_switches_off_is_the_gpt2_model():
     """Losses and logits of the model of commit a7fc191 (before the switches existed), computed with that
     commit's model.py by the same code as here: dropout on, AdamW, three steps. To the last bit on the CPU
-    that computed them; within 1e-6 elsewhere: on another CPU of the CI pool (AMD EPYC with AVX-512,
-    2026-12-04) the third loss came out one float32 ulp lower (3.9272561 for 3.9272563), the same code at
+    that computed them; not quite elsewhere: on another CPU of the CI pool (AMD EPYC with AVX-512,
+    2026-12-04) the third loss came out one float32 ulp lower (3.9272561 for 3.9272563) and the logits'
+    sum 1.5e-6 off (-0.7073132 for -0.7073117, a sum of 100 logits of either sign), the same code at
     commit d7a0a9b included: the matmuls sum in an order that depends on the CPU's vector width."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.1, bias=True),
@@ -48,7 +49,7 @@ def test_all_switches_off_is_the_gpt2_model():
         losses.append(loss.item())
     model.eval()
     assert losses == pytest.approx([3.899081230163574, 3.923570156097412, 3.9272563457489014], rel=1e-6, abs=0)
-    assert model(x[:, :-1])[0].sum().item() == pytest.approx(-0.707311749458313, rel=1e-6, abs=0)
+    assert model(x[:, :-1])[0].sum().item() == pytest.approx(-0.707311749458313, rel=0, abs=1e-5)
     assert ckpt.model_args_of(model).keys() == set(ckpt.MODEL_ARG_KEYS)  # exactly nanoGPT's model_args
 
 
