@@ -157,3 +157,14 @@ def test_stop_at_eot_ends_each_sample_at_its_own_eot():
     assert streamed == [b"a"]  # sample 0's tokens, up to its end
     everything = generate_text(ScriptedModel(steps), tokenizer, [26], 3, SamplingSettings(max_new_tokens=5))
     assert everything == ["za|def", "zbbe|h", "zccfgh"]
+
+
+def test_a_prompt_file_that_is_not_utf8_is_a_clear_error(tmp_path):
+    from sample import read_prompt
+
+    (tmp_path / "latin1.txt").write_bytes("caf".encode() + "é".encode("latin-1"))
+    with pytest.raises(SystemExit, match=r"error: prompt file .*latin1\.txt is not UTF-8 text \(byte 0xe9 at offset "
+                                         r"3\); convert it"):
+        read_prompt(f"FILE:{tmp_path / 'latin1.txt'}")
+    (tmp_path / "utf8.txt").write_text("café", encoding="utf-8")
+    assert read_prompt(f"FILE:{tmp_path / 'utf8.txt'}") == "café" and read_prompt("plain") == "plain"
