@@ -6,6 +6,7 @@ PyTorch's off CUDA and, on CUDA, the Triton kernels where they support the shape
 then times both on the run's shapes.
 """
 import torch
+from torch.nn.attention import SDPBackend
 
 ATTN_IMPLS = ("auto", "eager", "sdpa", "triton")
 LN_IMPLS = ("auto", "torch", "triton")
@@ -59,6 +60,16 @@ def resolve_ce_impl(ce_impl: str, device: torch.device) -> str:
     if ce_impl == "triton" and not kernels_module().can_run_on(device):
         raise kernels_module().cuda_required_error("ce_impl", device.type, "torch")
     return ce_impl
+
+
+def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str:
+    """The backend F.scaled_dot_product_attention picks for these inputs ('cudnn_attention', 'flash_attention',
+    'efficient_attention', 'math'), by PyTorch's own choice function; 'unknown' if that private function is
+    not there."""
+    try:
+        return SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, causal)).name.lower()
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return "unknown"
 
 
 def compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from impls import kernels_module
+from impls import kernels_module, sdpa_backend
 from model import GPT, LayerNorm
 
 # timer(name, fn) -> milliseconds that fn takes; name is the candidate, e.g. "attn_impl=triton" or
@@ -140,10 +140,11 @@ def _choose_attention(model: GPT, batch_size: int, device: torch.device, dtype: 
 
     # the check's slice keeps the full tensors' strides
     check = tuple(t.detach()[:1, :CHECK_HEADS].requires_grad_() for t in (q, k, v))
+    # sdpa is what a user gets: PyTorch's choice of backend (cuDNN on an H100/H200 with torch 2.11), named
+    shapes = f"B={B} H={H} T={T} D={D} {_name(dtype)}, sdpa's backend {sdpa_backend(q, k, v, True)}"
     return _choose("attn_impl", "sdpa", sdpa, triton, inputs=(q, k, v), grad=grad,
                    check_inputs=check, check_grad=grad[:1, :CHECK_HEADS], names=("output", "dq", "dk", "dv"),
-                   eps=_attention_eps(dtype, device), shapes=f"B={B} H={H} T={T} D={D} {_name(dtype)}",
-                   timer=timer, log=log)
+                   eps=_attention_eps(dtype, device), shapes=shapes, timer=timer, log=log)
 
 
 def _attention_eps(dtype: torch.dtype, device: torch.device) -> float:

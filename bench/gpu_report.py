@@ -1,20 +1,31 @@
-"""One command for a GPU's first measurement: the GPU tests and every benchmark, then one summary.
+"""One command for a GPU visit: the whole test suite on CUDA and every benchmark, then one summary, in 7 minutes.
 
-    python bench/gpu_report.py --out bench/results/h100      # about 10 minutes on one H100
-    python bench/gpu_report.py --out /tmp/report --only attention train
+    python bench/gpu_report.py --out bench/results/h200        # 7 minutes at most on one H100/H200
+    python bench/gpu_report.py --out /tmp/report --only attention tests
 
-Runs, each as its own process with a time limit (so one failure or hang costs only its own part):
-`pytest -m gpu` (the tests that need CUDA), bench/attn.py, bench/layernorm.py, bench/cross_entropy.py
-(fused linear cross-entropy: time and peak memory) and bench/train.py (a training step, eager and
-compiled, for each implementation). Each benchmark writes its .md, .json and .png into --out, its output
-goes to --out/logs/, and the summary is --out/summary.md (a table of what ran, the headline figures and
-the plots) and --out/summary.json (GPU, driver, versions, date, command, and each part's status).
+Runs, each as its own process group with a time limit (so a failure or a hang costs only its own part; a part
+cut by its limit keeps what it wrote), quickest first: bench/layernorm.py, bench/cross_entropy.py (fused
+linear cross-entropy: time and peak memory), bench/attn.py (ours against SDPA's default backend, its flash
+and cuDNN backends, and compiled FlexAttention), bench/train.py (a GPT-2 training step for each
+implementation), and last the whole test suite on CUDA in parallel (pytest-xdist when installed). Each
+benchmark writes its .md, .json and .png into --out, every part's output goes to --out/logs/, each test's
+outcome (a failure's traceback too) to --out/tests.jsonl as it finishes, and the summary is --out/summary.md
+(what ran, the headline figures, the failed tests, the plots) and --out/summary.json (GPU, driver,
+versions, date, command, and each part's status).
 
-Without a GPU it says so, skips the GPU tests, and runs the benchmarks' CPU parts (--quick sizes): the
-Triton rows then read "needs a CUDA GPU" and the cross-entropy kernel runs in Triton's interpreter.
+The tests need the offline copies in ../shared (tiktoken's GPT-2 files, tiny Shakespeare); a GPU machine that
+receives the working tree only finds them in ./shared, an ignored folder: copy ../shared there first.
+
+Without a GPU it says so, runs the benchmarks' CPU parts (--quick sizes: the Triton rows then read "needs a
+CUDA GPU" and the cross-entropy kernel runs in Triton's interpreter) and, as the tests part, two quick test
+files (the whole suite takes about 15 minutes on two cores: `python -m pytest`).
 """
 import argparse
+import contextlib
+import importlib.util
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
+
+GPU_BUDGET_S = 420  # the parts' limits add up to this: 7 minutes
+TESTS_RESULTS = "tests.jsonl"
 
 
 @dataclass
@@ -42,38 +56,87 @@ class Part:
     headline: str = ""
 
 
-def parts(gpu: bool) -> list[Part]:
-    """What runs, in order. The GPU limits add up to under 10 minutes: the sweeps are the benchmarks' own
-    defaults, trimmed where the default would not fit (attention: three lengths; train: 10 timed steps)."""
+def test_workers() -> int:
+    """pytest-xdist workers on a GPU machine: every core but one (one GPU is shared by all of them)."""
+    if importlib.util.find_spec("xdist") is None:
+        return 1
+    return max(1, min(15, (os.cpu_count() or 2) - 1))
+
+
+def parts(gpu: bool, workers: int = 1) -> list[Part]:
+    """What runs, in order: quickest first, the test suite last. On a GPU the sweeps are trimmed to fit
+    GPU_BUDGET_S (attention: causal, two lengths; train: GPT-2 eager, 10 timed steps); the benchmarks run
+    their full default sweeps on their own."""
     quick = [] if gpu else ["--quick"]
+    tests = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf"]
+    if gpu:
+        tests += ["-n", str(workers)] if workers > 1 else []
+    else:
+        tests += ["tests/test_layout.py", "tests/test_kernels_common.py"]
     return [
-        Part("gpu tests", ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"], 100),
-        Part("attention", ["bench/attn.py", *(["--seq_len", "1024", "4096", "16384"] if gpu else quick)], 150,
-             "attn"),
-        Part("layernorm", ["bench/layernorm.py", *quick], 60, "layernorm"),
-        Part("cross_entropy", ["bench/cross_entropy.py", *quick], 90, "cross_entropy"),
-        Part("train", ["bench/train.py", *(["--steps", "10"] if gpu else quick)], 170, "train"),
+        Part("layernorm", ["bench/layernorm.py", *quick], 25, "layernorm"),
+        Part("cross_entropy", ["bench/cross_entropy.py", *quick], 35, "cross_entropy"),
+        Part("attention", ["bench/attn.py", *(["--causal", "yes", "--seq_len", "2048", "8192"] if gpu else quick)],
+             70, "attn"),
+        Part("train", ["bench/train.py", *(["--model", "gpt2", "--compile", "off", "--steps", "10"] if gpu else quick)],
+             90, "train"),
+        Part("tests", tests, 200),
     ]
 
 
 def run_part(part: Part, out: Path, limit_s: float) -> None:
-    """Run one part with its output in out/logs/NAME.log; its status says how it ended."""
+    """Run one part with its output in out/logs/NAME.log; its status says how it ended. The part runs in a
+    process group of its own, all of which a limit stops (pytest-xdist's workers included)."""
     command = [sys.executable, *part.command]
     if part.benchmark:
         command += ["--out", str(out)]
         (out / f"{part.benchmark}.json").unlink(missing_ok=True)  # an earlier run's result is not this one's
+    else:
+        (out / TESTS_RESULTS).unlink(missing_ok=True)
+        command += ["--results", str((out / TESTS_RESULTS).resolve())]
     log = out / "logs" / f"{part.name.replace(' ', '_')}.log"
     print(f"== {part.name}: {' '.join(part.command)} (limit {limit_s:.0f} s)", flush=True)
     start = time.perf_counter()
     with open(log, "w") as f:
+        process = subprocess.Popen(command, cwd=common.REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = subprocess.run(command, cwd=common.REPO, stdout=f, stderr=subprocess.STDOUT,
-                                timeout=limit_s).returncode
+            rc = process.wait(timeout=limit_s)
             part.status = "ok" if rc == 0 else f"failed (exit status {rc}; see logs/{log.name})"
         except subprocess.TimeoutExpired:
+            stop_group(process)
             part.status = f"stopped at its {limit_s:.0f} s limit (see logs/{log.name})"
     part.seconds = time.perf_counter() - start
     print(f"   {part.status}, {part.seconds:.0f} s", flush=True)
+
+
+def stop_group(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM to the part's process group, then SIGKILL to whatever is left of it after grace_s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # the group outlives its leader while a worker lives
+    process.wait()
+
+
+def read_test_results(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def tests_headline(results: list[dict]) -> str:
+    """'812 passed, 3 failed, 40 skipped' from tests.jsonl (a test counts once, by its worst phase)."""
+    worst = {}
+    for record in results:
+        rank = {"passed": 0, "skipped": 1, "failed": 2}[record["outcome"]]
+        if rank >= worst.get(record["test"], (-1, ""))[0]:
+            worst[record["test"]] = (rank, record["outcome"])
+    counts = {}
+    for _, outcome in worst.values():
+        counts[outcome] = counts.get(outcome, 0) + 1
+    return ", ".join(f"{counts[o]} {o}" for o in ("passed", "failed", "skipped") if o in counts) or "no test finished"
 
 
 def _median(values) -> float | None:
@@ -114,12 +177,6 @@ def headline(benchmark: str, record: dict) -> str:
     return ""
 
 
-def gpu_tests_headline(log: Path) -> str:
-    """pytest's last line ('3 passed, 1 skipped in 12.3s')."""
-    lines = [line for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
-    return lines[-1].strip("= ") if lines else ""
-
-
 def driver_version() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -140,12 +197,15 @@ def summary_markdown(env: dict, gpu: bool, done: list[Part], out: Path) -> str:
         "",
     ]
     if not gpu:
-        lines += ["No CUDA GPU: the GPU tests were not run and the benchmarks ran their CPU parts at --quick sizes. "
-                  "None of these figures says how fast the kernels are on a GPU.", ""]
+        lines += ["No CUDA GPU: the benchmarks ran their CPU parts at --quick sizes and the tests part two quick "
+                  "files. None of these figures says how fast the kernels are on a GPU.", ""]
     table = [{"part": p.name, "status": p.status, "seconds": p.seconds, "headline": p.headline,
               "details": f"[{p.benchmark}.md]({p.benchmark}.md)" if p.benchmark and (out / f"{p.benchmark}.md").exists()
               else "-"} for p in done]
     lines.append(common.markdown_table(table, ("part", "status", "seconds", "headline", "details")))
+    failed = sorted({r["test"] for r in read_test_results(out / TESTS_RESULTS) if r["outcome"] == "failed"})
+    if failed:
+        lines += ["", f"Failed tests (tracebacks in {TESTS_RESULTS}):", "", *(f"- `{test}`" for test in failed)]
     plots = [p.benchmark for p in done if p.benchmark and (out / f"{p.benchmark}.png").exists()]
     if plots:
         lines += ["", *(f"![{name}]({name}.png)" for name in plots)]
@@ -154,23 +214,19 @@ def summary_markdown(env: dict, gpu: bool, done: list[Part], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="directory for the results, e.g. bench/results/h100")
-    p.add_argument("--only", nargs="+", choices=[part.name.replace(" ", "_") for part in parts(True)],
-                   help="run only these parts")
+    p.add_argument("--out", type=Path, required=True, help="directory for the results, e.g. bench/results/h200")
+    p.add_argument("--only", nargs="+", choices=[part.name for part in parts(True)], help="run only these parts")
     args = p.parse_args(argv)
 
     gpu = torch.cuda.is_available()
     if not gpu:
-        print("no CUDA GPU: skipping the GPU tests; the benchmarks run their CPU parts (--quick)", flush=True)
-    todo = [part for part in parts(gpu) if not args.only or part.name.replace(" ", "_") in args.only]
+        print("no CUDA GPU: the benchmarks run their CPU parts (--quick), the tests part two quick files", flush=True)
+    todo = [part for part in parts(gpu, test_workers()) if not args.only or part.name in args.only]
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     for part in todo:
-        if part.name == "gpu tests" and not gpu:
-            part.status = "skipped: no CUDA GPU"
-            continue
         run_part(part, args.out, part.gpu_limit_s if gpu else 600)
         if part.benchmark is None:
-            part.headline = gpu_tests_headline(args.out / "logs" / "gpu_tests.log")
+            part.headline = tests_headline(read_test_results(args.out / TESTS_RESULTS))
         elif (args.out / f"{part.benchmark}.json").exists():
             part.headline = headline(part.benchmark, json.loads((args.out / f"{part.benchmark}.json").read_text()))
 
@@ -181,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         {"environment": env, "gpu": gpu, "parts": [asdict(part) for part in todo]}, indent=1) + "\n")
     print(text, end="")
     print(f"wrote {args.out / 'summary.md'}, {args.out / 'summary.json'}")
-    return 0 if all(part.status == "ok" or part.status.startswith("skipped") for part in todo) else 1
+    return 0 if all(part.status == "ok" for part in todo) else 1
 
 
 if __name__ == "__main__":

@@ -60,3 +60,15 @@ def round_to(x, like_ptr, UPCAST: tl.constexpr):
     else:
         rounded = x.to(dtype).to(tl.float32)
     return rounded
+
+
+@triton.jit
+def tf32_operand(x, PRECISION: tl.constexpr):
+    """x as an operand of a dot in PRECISION: for TF32 dots of fp32 values, rounded to the nearest TF32
+    (10 mantissa bits, ties away from zero, as cvt.rna.tf32.f32 rounds). Tensor cores read only an fp32
+    operand's top 19 bits: a truncation that pulls every product toward zero, where PyTorch's TF32 matmuls
+    (cuBLAS) round to nearest. Other precisions and dtypes pass through unchanged."""
+    if PRECISION == "tf32" and x.dtype == tl.float32:
+        bits = x.to(tl.uint32, bitcast=True)
+        x = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return x

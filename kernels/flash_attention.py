@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import can_run_on, cuda_required_error, interpreter_enabled, round_to
+from kernels.common import can_run_on, cuda_required_error, interpreter_enabled, round_to, tf32_operand
 from kernels.tuning import Tiles, attention_configs, attention_space, sequence_bucket, target_arch
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -84,12 +84,13 @@ def _dropout_keep(seed, bh, rows, cols, T, dropout_p):
 
 
 @triton.jit
-def _load_tile(ptr, rows, cols, stride_t, stride_d, T, D, UPCAST: tl.constexpr):
+def _load_tile(ptr, rows, cols, stride_t, stride_d, T, D, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """A (rows, cols) tile, zero past T and D, as an operand of PRECISION's dots (see tf32_operand)."""
     tile = tl.load(ptr + rows[:, None] * stride_t + cols[None, :] * stride_d,
                    mask=(rows[:, None] < T) & (cols[None, :] < D), other=0.0)
     if UPCAST:  # the interpreter computes low-precision tl.dot wrongly
         tile = tile.to(tl.float32)
-    return tile
+    return tf32_operand(tile, PRECISION)
 
 
 @triton.jit
@@ -129,8 +130,8 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, 
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_ptr, cols, offs_d, stride_kt, stride_kd, T, D, UPCAST)
-        v = _load_tile(v_ptr, cols, offs_d, stride_vt, stride_vd, T, D, UPCAST)
+        k = _load_tile(k_ptr, cols, offs_d, stride_kt, stride_kd, T, D, UPCAST, PRECISION)
+        v = _load_tile(v_ptr, cols, offs_d, stride_vt, stride_vd, T, D, UPCAST, PRECISION)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # raw scores: the scale is folded in below
         if MASKED:
             s = tl.where(_visible(rows[:, None], cols[None, :], T, CAUSAL), s, float("-inf"))
@@ -143,7 +144,8 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, 
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p), p, 0.0)
-        acc = tl.dot(round_to(p, v_ptr, UPCAST), v, acc * alpha[:, None], input_precision=PRECISION)
+        acc = tl.dot(tf32_operand(round_to(p, v_ptr, UPCAST), PRECISION), v, acc * alpha[:, None],
+                     input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -171,7 +173,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     o_ptr = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(q_ptr, rows, offs_d, stride_qt, stride_qd, T, D, UPCAST)
+    q = _load_tile(q_ptr, rows, offs_d, stride_qt, stride_qd, T, D, UPCAST, PRECISION)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -199,9 +201,9 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_od,
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
-                   rows, offs_d, stride_ot, stride_od, T, D, True)
+                   rows, offs_d, stride_ot, stride_od, T, D, True, "ieee")
     do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
-                    rows, offs_d, stride_dot, stride_dod, T, D, True)
+                    rows, offs_d, stride_dot, stride_dod, T, D, True, "ieee")
     tl.store(DELTA + (b * H + h).to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=rows < T)
 
 
@@ -214,8 +216,8 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, str
     offs_d = tl.arange(0, BLOCK_D)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_ptr, rows, offs_d, stride_qt, stride_qd, T, D, UPCAST)
-        do = _load_tile(do_ptr, rows, offs_d, stride_dot, stride_dod, T, D, UPCAST)
+        q = _load_tile(q_ptr, rows, offs_d, stride_qt, stride_qd, T, D, UPCAST, PRECISION)
+        do = _load_tile(do_ptr, rows, offs_d, stride_dot, stride_dod, T, D, UPCAST, PRECISION)
         # lse = +inf zeroes the probabilities of the padding rows past T.
         lse = tl.load(lse_ptr + rows, mask=rows < T, other=float("inf"))
         delta = tl.load(delta_ptr + rows, mask=rows < T, other=0.0)
@@ -225,12 +227,12 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, str
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
             keep_t = _dropout_keep(seed, bh, rows[None, :], cols[:, None], T, dropout_p)
-            dv = tl.dot(round_to(tl.where(keep_t, p_t * keep_scale, 0.0), do_ptr, UPCAST), do, dv,
-                        input_precision=PRECISION)
+            dv = tl.dot(tf32_operand(round_to(tl.where(keep_t, p_t * keep_scale, 0.0), do_ptr, UPCAST), PRECISION),
+                        do, dv, input_precision=PRECISION)
             dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
         else:
-            dv = tl.dot(round_to(p_t, do_ptr, UPCAST), do, dv, input_precision=PRECISION)
-        ds_t = round_to(p_t * (dp_t - delta[None, :]), q_ptr, UPCAST)
+            dv = tl.dot(tf32_operand(round_to(p_t, do_ptr, UPCAST), PRECISION), do, dv, input_precision=PRECISION)
+        ds_t = tf32_operand(round_to(p_t * (dp_t - delta[None, :]), q_ptr, UPCAST), PRECISION)
         dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
         if ATOMIC_DQ:  # this key tile's share of dQ = dS K, added into fp32 dQ (padding keys have k = 0)
             dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION) * softmax_scale
@@ -264,9 +266,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA,
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_tile(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,
-                   cols, offs_d, stride_kt, stride_kd, T, D, UPCAST)
+                   cols, offs_d, stride_kt, stride_kd, T, D, UPCAST, PRECISION)
     v = _load_tile(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh,
-                   cols, offs_d, stride_vt, stride_vd, T, D, UPCAST)
+                   cols, offs_d, stride_vt, stride_vd, T, D, UPCAST, PRECISION)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Keys past T are never stored, so only the causal diagonal needs a mask. Causal: queries before
@@ -301,8 +303,8 @@ def _bwd_dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_kd, str
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_ptr, cols, offs_d, stride_kt, stride_kd, T, D, UPCAST)
-        v = _load_tile(v_ptr, cols, offs_d, stride_vt, stride_vd, T, D, UPCAST)
+        k = _load_tile(k_ptr, cols, offs_d, stride_kt, stride_kd, T, D, UPCAST, PRECISION)
+        v = _load_tile(v_ptr, cols, offs_d, stride_vt, stride_vd, T, D, UPCAST, PRECISION)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
         if MASKED:
             p = tl.where(_visible(rows[:, None], cols[None, :], T, CAUSAL), p, 0.0)
@@ -310,7 +312,7 @@ def _bwd_dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_kd, str
         if DROPOUT:
             dp = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p), dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(round_to(ds, k_ptr, UPCAST), k, dq, input_precision=PRECISION)
+        dq = tl.dot(tf32_operand(round_to(ds, k_ptr, UPCAST), PRECISION), k, dq, input_precision=PRECISION)
     return dq
 
 
@@ -333,9 +335,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
-                   rows, offs_d, stride_qt, stride_qd, T, D, UPCAST)
+                   rows, offs_d, stride_qt, stride_qd, T, D, UPCAST, PRECISION)
     do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
-                    rows, offs_d, stride_dot, stride_dod, T, D, UPCAST)
+                    rows, offs_d, stride_dot, stride_dod, T, D, UPCAST, PRECISION)
     lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

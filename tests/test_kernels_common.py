@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 import triton
+import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from conftest import REPO
@@ -84,3 +85,35 @@ def test_cuda_required_error_without_fallback_offers_the_interpreter():
     message = str(cuda_required_error("ln_impl", "mps"))
     assert message.startswith("ln_impl='triton' needs a CUDA GPU, but the tensors are on mps; set TRITON_INTERPRET=1 ")
     assert "use " not in message
+
+
+@triton.jit
+def _tf32_kernel(X, OUT, N, PRECISION: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < N)
+    tl.store(OUT + offs, common.tf32_operand(x, PRECISION), mask=offs < N)
+
+
+def tf32_by_hand(x: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest TF32, ties away from zero, computed in float64 from the definition: keep 10 of the 23
+    mantissa bits, i.e. round to a multiple of 2^(exponent - 10)."""
+    x64 = x.double()
+    exponent = torch.floor(torch.log2(x64.abs()))
+    step = torch.exp2(exponent - 10)
+    rounded = torch.sign(x64) * torch.floor(x64.abs() / step + 0.5) * step
+    return torch.where(x64 == 0, x64, rounded).float()
+
+
+def test_tf32_operands_are_rounded_to_nearest():
+    """What tensor cores would truncate, rounded: 1 + 2^-11 (a tie) goes up, 1 + 2^-11 - 2^-23 down, negatives
+    mirror; random values match the definition; other precisions and dtypes pass through."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ties = torch.tensor([1 + 2**-11, 1 + 2**-11 - 2**-23, -(1 + 2**-11), -(1 + 2**-11 - 2**-23), 0.0, -0.0])
+    x = torch.cat([ties, torch.randn(250, generator=torch.Generator().manual_seed(0)) * 1e3]).to(device)
+    out = torch.empty_like(x)
+    _tf32_kernel[(1,)](x, out, x.numel(), PRECISION="tf32", BLOCK=256)
+    assert out[:4].tolist() == [1 + 2**-10, 1.0, -(1 + 2**-10), -1.0]
+    torch.testing.assert_close(out.cpu(), tf32_by_hand(x.cpu()), rtol=0, atol=0)
+    assert ((out - x).abs() <= x.abs() * 2**-11).all()
+    _tf32_kernel[(1,)](x, out, x.numel(), PRECISION="ieee", BLOCK=256)
+    assert torch.equal(out, x)

@@ -134,14 +134,14 @@ def test_invalid_impl_names():
         tiny_model().set_impl("sdpa", "fused")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is about machines without a GPU")
 def test_triton_without_gpu_or_interpreter_is_a_clear_error():
+    """On a machine without a GPU (here: CUDA_VISIBLE_DEVICES empty) and without the interpreter."""
     code = (
         "import torch; from model import GPT, GPTConfig\n"
         "m = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=32), attn_impl='triton')\n"
         "m(torch.zeros(1, 4, dtype=torch.long))\n"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env = {**{k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}, "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode != 0
     assert "attn_impl='triton' needs a CUDA GPU" in out.stderr and "attn_impl='sdpa'" in out.stderr

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from conftest import KERNEL_DEVICE
 from generate import KVCache, check_sampling, filter_logits, sample_next_token
 from model import GPT, GPTConfig
 
@@ -117,8 +118,10 @@ CONFIG = GPTConfig(block_size=24, vocab_size=53, n_layer=2, n_head=2, n_embd=32,
 @pytest.mark.parametrize("pos_embedding", ["learned", "rope"])
 def test_kv_cache_logits_equal_a_full_forward_at_every_position(impl, chunks, pos_embedding):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**CONFIG.__dict__, "pos_embedding": pos_embedding}), attn_impl=impl, ln_impl="torch").eval()
+    model = GPT(GPTConfig(**{**CONFIG.__dict__, "pos_embedding": pos_embedding}), attn_impl=impl,
+                ln_impl="torch").to(KERNEL_DEVICE).eval()
     x = torch.randint(0, CONFIG.vocab_size, (3, sum(chunks)), generator=torch.Generator().manual_seed(1))
+    x = x.to(KERNEL_DEVICE)
     with torch.no_grad():
         full, _ = model(x, x)  # with targets: the logits of every position
         cache = KVCache(model.config)

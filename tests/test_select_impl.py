@@ -1,4 +1,5 @@
-"""select_impl.choose_impls: the checks and the choice, on CPU under Triton's interpreter with injected timings."""
+"""select_impl.choose_impls: the checks and the choice, with injected timings, where the kernels run: on the GPU
+when there is one, else on the CPU under Triton's interpreter (conftest.KERNEL_DEVICE)."""
 import os
 import re
 import subprocess
@@ -9,7 +10,8 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from conftest import REPO
+from conftest import KERNEL_DEVICE, REPO
+from impls import sdpa_backend
 from model import GPT, GPTConfig, kernels_module
 from select_impl import choose_impls, make_timer
 
@@ -17,9 +19,9 @@ CONFIG = {"block_size": 32, "vocab_size": 65, "n_layer": 1, "n_head": 2, "n_embd
 BATCH = 2
 
 
-def tiny_model(attn_impl="auto", ln_impl="auto", bias=True, ce_impl="torch"):
+def tiny_model(attn_impl="auto", ln_impl="auto", bias=True, ce_impl="torch", device=KERNEL_DEVICE):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**CONFIG, bias=bias))
+    model = GPT(GPTConfig(**CONFIG, bias=bias)).to(device)
     model.set_impl(attn_impl, ln_impl, ce_impl)
     return model
 
@@ -67,10 +69,11 @@ def never_called(name, fn):
     raise AssertionError(f"the timer was called for {name}")
 
 
-def choose(model, **kwargs):
+def choose(model, device=KERNEL_DEVICE, **kwargs):
+    """choose_impls on `device`, measuring `auto` (off CUDA it would not: PyTorch's is the only choice there)."""
     lines = []
     kwargs.setdefault("measure", True)
-    choice = choose_impls(model, BATCH, "cpu", torch.float32, log=lines.append, **kwargs)
+    choice = choose_impls(model, BATCH, device, torch.float32, log=lines.append, **kwargs)
     return choice, lines
 
 
@@ -117,7 +120,8 @@ def test_a_tie_keeps_pytorchs():
 def test_the_log_line_has_both_times_the_shapes_and_the_choice():
     _, lines = choose(tiny_model(bias=False), timer=timings(1.84, 2.1, 0.52, 0.41))
     assert lines == [
-        "attn_impl=auto: triton 1.84 ms, sdpa 2.10 ms (forward+backward, B=2 H=2 T=32 D=16 float32) -> triton",
+        "attn_impl=auto: triton 1.84 ms, sdpa 2.10 ms (forward+backward, B=2 H=2 T=32 D=16 float32, sdpa's backend "
+        f"{sdpa_backend(*[torch.zeros(2, 2, 32, 16, device=KERNEL_DEVICE)] * 3, True)}) -> triton",
         "ln_impl=auto: triton 0.52 ms, torch 0.41 ms (forward+backward, x 2x32x32 no bias float32) -> torch",
     ]
 
@@ -182,8 +186,8 @@ def test_forced_impls_are_applied_without_measuring(attn_impl, ln_impl):
 
 @pytest.mark.parametrize("measure", [None, False])
 def test_auto_on_cpu_stays_pytorchs_unless_asked_to_measure(measure):
-    model = tiny_model()
-    choice, lines = choose(model, measure=measure, timer=never_called)
+    model = tiny_model(device="cpu")
+    choice, lines = choose(model, "cpu", measure=measure, timer=never_called)
     assert choice == ("sdpa", "torch")
     assert lines == []
 
@@ -197,17 +201,20 @@ def test_the_model_runs_the_choice_without_resolving_again(monkeypatch):
         raise AssertionError("resolve_impl was called again")
 
     monkeypatch.setattr(GPT, "resolve_impl", no_resolving)
-    idx = torch.randint(0, CONFIG["vocab_size"], (BATCH, CONFIG["block_size"]))
+    idx = torch.randint(0, CONFIG["vocab_size"], (BATCH, CONFIG["block_size"]), device=KERNEL_DEVICE)
     _, loss = model(idx, idx)
     loss.backward()
     assert calls == {"flash_attention": CONFIG["n_layer"], "layer_norm": 2 * CONFIG["n_layer"] + 1}
 
 
 def test_measuring_leaves_the_random_stream_alone():
-    model = tiny_model()  # which seeds the generator
+    model = tiny_model()  # which seeds the generators
     state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state() if KERNEL_DEVICE == "cuda" else None
     choose(model, timer=timings())
     assert torch.equal(torch.get_rng_state(), state)
+    if cuda_state is not None:
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
 
 
 def test_the_default_timer_warms_up_then_takes_the_median_of_repeats():
@@ -317,3 +324,17 @@ def test_a_fused_cross_entropy_that_disagrees_is_not_chosen(monkeypatch):
     monkeypatch.setattr(kernels, "linear_cross_entropy", lambda x, w, t, cap: wrong(x, w, t, cap) * 1.01)
     choice, lines = choose(model, timer=timings(ce_triton=0.1))
     assert model.resolved_ce_impl == "torch" and "ce_impl=auto: triton disagrees: its loss" in lines[0]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_named_sdpa_backend_is_the_one_that_runs(causal):
+    """What auto's log (and bench/attn.py) call SDPA's backend: forced alone, it gives the default's very output."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 32, generator=gen).to(KERNEL_DEVICE) for _ in range(3))
+    name = sdpa_backend(q, k, v, causal)
+    assert name in {"flash_attention", "efficient_attention", "cudnn_attention", "math"}
+    default = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    with sdpa_kernel(getattr(SDPBackend, name.upper())):
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v, is_causal=causal), default)
