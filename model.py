@@ -157,9 +157,12 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: "LayerCache | None" = None,
                 start: int = 0):
         B, T, _ = x.size()
-        # (B, T, 3, H, D) -> three (B, H, T, D) views; the Triton kernel reads the strides as they are. The
-        # head count is what c_attn gives, not n_head: under tensor parallelism a rank holds some heads only.
-        q, k, v = self.c_attn(x).view(B, T, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
+        # (B, T, 3C) -> three (B, H, T, D) views; the Triton kernel reads the strides as they are. Split, as
+        # nanoGPT does: the backward then writes the three gradients into one (B, T, 3C) tensor, where viewing
+        # it as (B, T, 3, H, D) and permuting costs a stack and then a copy of all of it. The head count is
+        # what c_attn gives, not n_head: under tensor parallelism a rank holds some heads only.
+        qkv = self.c_attn(x)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in qkv.split(qkv.size(-1) // 3, dim=2))
         if self.qk_norm:
             # an explicit eps: F.rms_norm's default is the dtype's, which would change with autocast
             q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)

@@ -144,7 +144,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     """Forward and backward over `accumulation_steps` micro-batches (get_batch(i) gives the i-th), then
     clip and step. Returns the mean loss over the micro-batches, detached, on the device (reading it is
     a CPU-GPU sync, left to the caller)."""
-    loss_sum = torch.zeros((), device=next(model.parameters()).device)
+    losses = []  # detached: summed once at the end, one launch however many micro-steps
     x, y = get_batch(0)
     for micro_step in range(accumulation_steps):
         last = micro_step == accumulation_steps - 1
@@ -153,12 +153,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
         with autocast:
             _, loss = model(x, y)
             loss = loss / accumulation_steps  # the gradients sum over micro-steps
-        loss_sum += loss.detach()
+        losses.append(loss.detach())
         if not last:
             x, y = get_batch(micro_step + 1)  # draw the next batch while the GPU works on this one
         scaler.scale(loss).backward()
     apply_update(optimizer, scaler, list(model.parameters()), grad_clip)
-    return loss_sum
+    return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """training.py and metrics.py called directly: the schedule, one optimizer step, evaluation, early stopping,
 signals, and what a run reports."""
+import collections
 import math
 import os
 import signal
@@ -195,3 +196,94 @@ def test_a_plot_that_fails_is_a_warning_not_a_crash(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "warning: could not draw" in err and "no fonts" in err and "training goes on" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+# -----------------------------------------------------------------------------
+# Kernel launches per training step, against a plain nanoGPT-style model and loop
+
+# aten ops that launch no kernel: views, allocations and bookkeeping
+NO_KERNEL = {"aten::view", "aten::as_strided", "aten::transpose", "aten::t", "aten::permute", "aten::select",
+             "aten::slice", "aten::narrow", "aten::unsqueeze", "aten::squeeze", "aten::expand", "aten::reshape",
+             "aten::_reshape_alias", "aten::_unsafe_view", "aten::split", "aten::split_with_sizes", "aten::unbind",
+             "aten::chunk", "aten::detach", "aten::alias", "aten::empty", "aten::empty_like", "aten::empty_strided",
+             "aten::resize_", "aten::lift_fresh", "aten::result_type", "aten::to", "aten::_to_copy_meta",
+             "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense", "aten::contiguous", "aten::numel",
+             "aten::size", "aten::stride", "aten::set_", "aten::_has_compatible_shallow_copy_type",
+             "aten::dropout"}  # at p=0, as here, dropout returns its input (and a plain model has none)
+
+
+def kernel_launches(step, repeats=2) -> collections.Counter:
+    """The aten ops of one call of step() that launch a kernel (leaf ops but views and allocations)."""
+    step()  # warm-up: lazy state (optimizer moments) is made once
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            step()
+    counts = collections.Counter(e.name for e in prof.events()
+                                 if e.name.startswith("aten::") and not e.cpu_children and e.name not in NO_KERNEL)
+    return collections.Counter({name: n // repeats for name, n in counts.items()})
+
+
+class PlainBlock(torch.nn.Module):
+    """GPT-2's block as nanoGPT writes it: q, k, v split from one projection, SDPA, exact GELU."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = torch.nn.LayerNorm(width, bias=False), torch.nn.LayerNorm(width, bias=False)
+        self.c_attn, self.c_proj = torch.nn.Linear(width, 3 * width, bias=False), torch.nn.Linear(width, width, bias=False)
+        self.c_fc, self.mlp_proj = torch.nn.Linear(width, 4 * width, bias=False), torch.nn.Linear(4 * width, width, bias=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+                   for t in self.c_attn(self.ln_1(x)).split(C, dim=2))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return x + self.mlp_proj(torch.nn.functional.gelu(self.c_fc(self.ln_2(x))))
+
+
+class PlainGPT(torch.nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.wte = torch.nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = torch.nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = torch.nn.ModuleList(PlainBlock(config.n_embd, config.n_head) for _ in range(config.n_layer))
+        self.ln_f = torch.nn.LayerNorm(config.n_embd, bias=False)
+        self.lm_head = torch.nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def test_a_training_step_launches_no_more_kernels_than_a_plain_loop():
+    """train_step on our GPT (GPT-2's recipe, PyTorch's implementations) against nanoGPT's loop over a plain
+    GPT-2: forward, loss / micro-steps, backward, clip, AdamW, zero_grad. Ours may add only the launches of
+    its exact mean loss (a stack's cat and a sum's fill); a copy per layer (the gradient of q, k and v
+    gathered through a permute, say) shows here."""
+    config = GPTConfig(block_size=32, vocab_size=50, n_layer=3, n_head=2, n_embd=32, dropout=0.0, bias=False)
+    data = torch.randint(0, config.vocab_size, (2, 4, config.block_size + 1), generator=torch.Generator().manual_seed(0))
+    batches = [(d[:, :-1], d[:, 1:]) for d in data]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    no_autocast = torch.autocast("cpu", enabled=False)
+    ours = GPT(config, "sdpa", "torch")
+    our_optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-3, fused=True)
+    plain = PlainGPT(config)
+    plain_optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-3, fused=True)
+
+    def our_step():
+        training.train_step(ours, our_optimizer, scaler, lambda i: batches[i], 2, 1.0, no_autocast)
+
+    def plain_step():
+        for x, y in batches:
+            (plain(x, y) / 2).backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        plain_optimizer.step()
+        plain_optimizer.zero_grad(set_to_none=True)
+
+    extra = kernel_launches(our_step) - kernel_launches(plain_step)
+    assert extra <= collections.Counter({"aten::cat": 1, "aten::fill_": 1}), extra
