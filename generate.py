@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig
+from model import GPT, AttentionMask, GPTConfig
 
 # -----------------------------------------------------------------------------
 # The KV cache
@@ -44,6 +44,34 @@ class LayerCache:
         self.v[:, :, slot] = v[:, :, 0]
         return self.k, self.v
 
+    def update_masked(self, k: torch.Tensor, v: torch.Tensor, start: int,
+                      mask: AttentionMask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a model with documents or a window: the keys and values the chunk at positions start.. attends
+        to (the cached ones, then its own), and which of them each query sees, (B, 1, Tq, Tk); then the
+        chunk is stored. Each slot holds the position start % capacity; with a window the capacity is the
+        window (never more than max_length), so the cache keeps exactly the keys a query can still see."""
+        capacity = min(self.max_length, mask.window) if mask.window else self.max_length
+        if start == 0 or self.k is None or self.k.shape[0] != k.shape[0] or self.k.dtype != k.dtype:
+            shape = (k.shape[0], k.shape[1], capacity, k.shape[3])
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+            self.positions = torch.full((capacity,), -1, dtype=torch.long, device=k.device)  # -1: empty
+        t = k.shape[2]
+        queries = torch.arange(start, start + t, device=k.device)
+        keys = torch.cat((self.positions, queries))
+        visible = (keys >= 0) & (keys <= queries[:, None])
+        if mask.window:
+            visible = visible & (keys > queries[:, None] - mask.window)
+        visible = visible[None, None]
+        if mask.starts is not None:
+            visible = visible & (keys >= mask.starts[:, None, :, None])
+        all_k, all_v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+        kept = range(max(0, t - capacity), t)  # the chunk's last `capacity` positions
+        slots = torch.tensor([(start + i) % capacity for i in kept], device=k.device)
+        self.k[:, :, slots] = k[:, :, kept.start:]
+        self.v[:, :, slots] = v[:, :, kept.start:]
+        self.positions[slots] = queries[kept.start:]
+        return all_k, all_v, visible
+
 
 class KVCache:
     """Keys and values of every layer for the positions seen so far (generation only). A rolling cache
@@ -56,6 +84,7 @@ class KVCache:
         self.layers = [LayerCache(config.block_size) for _ in range(config.n_layer)]
         self.length = 0  # positions filled
         self.rolling = rolling
+        self.doc_start: torch.Tensor | None = None  # (B,) where the last position's document starts
 
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
-    from generate import KVCache, LayerCache
+    from generate import KVCache, LayerCache  # noqa: F401 (annotations only)
 
 from impls import (ATTN_IMPLS, CE_IMPLS, LN_IMPLS, check_impl, compute_dtype, kernels_module, resolve_attn_impl,
                    resolve_ce_impl, resolve_ln_impl)
@@ -42,6 +42,12 @@ class GPTConfig:
     tie_embeddings: bool = True  # lm_head shares wte's matrix (False: its own, zero-initialized)
     logit_softcap: float = 0.0  # 0: off; c > 0: logits = c * tanh(logits / c)
     zero_init_proj: bool = False  # zero-initialize the residual output projections (attention and MLP c_proj)
+    # Packed documents and sliding windows: with doc_token >= 0 (GPT-2's <|endoftext|> is 50256), that token
+    # starts a document and a query sees only its own document's keys; doc_positions restarts the positions
+    # at each document; attn_window > 0 keeps only the last attn_window keys of each query, its own included.
+    doc_token: int = -1
+    doc_positions: bool = False
+    attn_window: int = 0
 
     def __post_init__(self):
         choices = {"pos_embedding": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "activation": ("gelu", "relu2")}
@@ -57,6 +63,14 @@ class GPTConfig:
                              f"n_embd / n_head = {self.n_embd // self.n_head} must be even")
         if self.rope_base <= 1:
             raise ValueError(f"rope_base must be > 1, got {self.rope_base}")
+        if not -1 <= self.doc_token < self.vocab_size:
+            raise ValueError(f"doc_token must be a token id below vocab_size={self.vocab_size}, or -1 (no document "
+                             f"masking), got {self.doc_token}")
+        if self.doc_positions and self.doc_token < 0:
+            raise ValueError("doc_positions restarts the positions at each document: it needs doc_token, the token "
+                             "that starts one (50256 for GPT-2's BPE)")
+        if self.attn_window < 0:
+            raise ValueError(f"attn_window must be >= 0 (0: no window), got {self.attn_window}")
 
     @classmethod
     def from_dict(cls, model_args: dict) -> "GPTConfig":
@@ -71,7 +85,44 @@ class GPTConfig:
 
 
 SWITCHES = ("pos_embedding", "rope_base", "norm", "qk_norm", "activation", "tie_embeddings", "logit_softcap",
-            "zero_init_proj")
+            "zero_init_proj", "doc_token", "doc_positions", "attn_window")
+
+
+@dataclass
+class AttentionMask:
+    """What each query sees beyond causality, for a forward over whole rows: its document, from starts[b, t]
+    to ends[b, t] (absolute positions, (B, T)), and/or the last `window` keys."""
+
+    starts: torch.Tensor | None
+    ends: torch.Tensor | None
+    window: int
+
+    def dense(self, t: int, device: torch.device) -> torch.Tensor:
+        """(B or 1, 1, T, T) bool, True where a query sees a key: for eager and SDPA."""
+        rows = torch.arange(t, device=device)[:, None]
+        cols = torch.arange(t, device=device)[None, :]
+        visible = cols <= rows
+        if self.window:
+            visible = visible & (cols > rows - self.window)
+        visible = visible[None, None]
+        if self.starts is not None:
+            visible = visible & (cols[None, None] >= self.starts[:, None, :, None])
+        return visible
+
+
+def document_bounds(idx: torch.Tensor, doc_token: int, carried: torch.Tensor | None = None,
+                    offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, ends), (B, T): where each position's document starts (its last doc_token at or before it)
+    and where the next one starts (T, or the chunk's end, if none does), in positions offset.. (a KV cache's
+    chunk). carried: (B,) the document start of the position before the chunk; 0 when none."""
+    B, T = idx.shape
+    positions = torch.arange(offset, offset + T, device=idx.device).expand(B, T)
+    before = carried[:, None] if carried is not None else torch.full_like(idx[:, :1], offset)
+    starts = torch.where(idx == doc_token, positions, before.expand(B, T)).cummax(dim=1).values
+    next_starts = torch.where(idx == doc_token, positions, offset + T)
+    later = torch.cat((next_starts[:, 1:], next_starts.new_full((B, 1), offset + T)), dim=1)
+    ends = later.flip(1).cummin(dim=1).values.flip(1)
+    return starts, ends
 
 
 def causal_mask(t_query: int, t_key: int, device: torch.device) -> torch.Tensor:
@@ -79,10 +130,23 @@ def causal_mask(t_query: int, t_key: int, device: torch.device) -> torch.Tensor:
     return torch.ones(t_query, t_key, dtype=torch.bool, device=device).tril(diagonal=t_key - t_query)
 
 
-def attention(q, k, v, impl: str, dropout_p: float) -> torch.Tensor:
+def attention(q, k, v, impl: str, dropout_p: float, mask: "AttentionMask | torch.Tensor | None" = None) -> torch.Tensor:
     """Causal attention over (B, H, T, D) tensors with a resolved impl ('eager', 'sdpa' or 'triton'). Keys
-    may be longer than queries (a KV cache): then the queries are the last positions."""
+    may be longer than queries (a KV cache): then the queries are the last positions. mask: documents and
+    a window over whole rows (an AttentionMask), or which keys each query sees, explicitly (a (B, 1, Tq, Tk)
+    bool tensor: a KV cache's under documents or a window)."""
     t_query, t_key = q.size(-2), k.size(-2)
+    if isinstance(mask, AttentionMask):
+        if impl == "triton":
+            documents = (mask.starts, mask.ends) if mask.starts is not None else None
+            return kernels_module().flash_attention(q, k, v, causal=True, dropout_p=dropout_p, documents=documents,
+                                                    window=mask.window)
+        mask = mask.dense(t_query, q.device)
+    if mask is not None:  # the keys each query sees, spelled out
+        if impl == "eager":
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            return F.dropout(F.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1), p=dropout_p) @ v
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if impl == "triton" and t_query == t_key:
         return kernels_module().flash_attention(q, k, v, causal=True, dropout_p=dropout_p)
     if impl == "eager":
@@ -99,13 +163,16 @@ def attention(q, k, v, impl: str, dropout_p: float) -> torch.Tensor:
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE's (cos, sin), (T, head_dim / 2): position p turns frequency i by p * base^(-2i/head_dim).
+    """RoPE's (cos, sin), (T, head_dim / 2) (or (B, 1, T, head_dim / 2) for positions per row, (B, T)):
+    position p turns frequency i by p * base^(-2i/head_dim).
     Computed once per forward for every layer, in float64 (float32 on MPS, which has none): positions grow
     without bound when a KV cache rolls past block_size, and float32 angles lose precision there."""
     half = head_dim // 2
     dtype = torch.float32 if positions.device.type == "mps" else torch.float64
     inv_freq = base ** (-torch.arange(half, dtype=dtype, device=positions.device) / half)
-    angles = positions.to(dtype)[:, None] * inv_freq[None, :]
+    angles = positions.to(dtype)[..., None] * inv_freq
+    if positions.dim() == 2:  # per row: broadcast over the heads
+        angles = angles[:, None]
     return angles.cos(), angles.sin()
 
 
@@ -155,7 +222,7 @@ class CausalSelfAttention(nn.Module):
         self.impl = "sdpa"  # resolved by GPT.resolve_impl
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: "LayerCache | None" = None,
-                start: int = 0):
+                start: int = 0, mask: AttentionMask | None = None):
         B, T, _ = x.size()
         # (B, T, 3C) -> three (B, H, T, D) views; the Triton kernel reads the strides as they are. Split, as
         # nanoGPT does: the backward then writes the three gradients into one (B, T, 3C) tensor, where viewing
@@ -168,10 +235,12 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)
         if rope is not None:
             q, k = rotary(q, *rope), rotary(k, *rope)
-        if cache is not None:
+        if cache is not None and mask is not None:
+            k, v, mask = cache.update_masked(k, v, start, mask)
+        elif cache is not None:
             k, v = cache.update(k, v, start)
         dropout_p = self.dropout if self.training else 0.0
-        y = attention(q, k, v, self.impl, dropout_p)
+        y = attention(q, k, v, self.impl, dropout_p, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.resid_dropout(self.c_proj(y))
 
@@ -200,8 +269,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: "LayerCache | None" = None,
-                start: int = 0):
-        x = x + self.attn(self.ln_1(x), rope, cache, start)
+                start: int = 0, mask: AttentionMask | None = None):
+        x = x + self.attn(self.ln_1(x), rope, cache, start, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -301,10 +370,11 @@ class GPT(nn.Module):
                 f"cannot forward a sequence of length {start + t}: block_size is {self.config.block_size}; "
                 "crop the input to the last block_size tokens"
             )
-        x = self.embed(idx, start)
-        rope = self.rotary(t, start, device)
+        mask, positions = self.layout(idx, start, cache)
+        x = self.embed(idx, start, positions)
+        rope = self.rotary(t, start, device, positions)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, cache.layers[i] if cache is not None else None, start)
+            x = block(x, rope, cache.layers[i] if cache is not None else None, start, mask)
         if cache is not None:
             cache.length = start + t
         if targets is None:
@@ -321,20 +391,43 @@ class GPT(nn.Module):
 
     # The forward's three parts, which a pipeline stage also runs on its own (parallelism/pipeline.py)
 
-    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Tokens (B, T) at positions start.. -> the residual stream (B, T, C)."""
+    def layout(self, idx: torch.Tensor, start: int = 0,
+               cache: "KVCache | None" = None) -> tuple[AttentionMask | None, torch.Tensor | None]:
+        """Documents and the window for tokens (B, T) at positions start.. (None without either), and each
+        token's position (B, T) when positions restart at each document (None: start..start+T for all).
+        Documents come from the tokens themselves: no other input is needed."""
+        cfg = self.config
+        if cfg.doc_token < 0 and not cfg.attn_window:
+            return None, None
+        starts = ends = None
+        if cfg.doc_token >= 0:
+            carried = cache.doc_start if cache is not None and start > 0 else None
+            starts, ends = document_bounds(idx, cfg.doc_token, carried, start)
+            if cache is not None:
+                cache.doc_start = starts[:, -1]
+        positions = None
+        if cfg.doc_positions:
+            positions = torch.arange(start, start + idx.size(1), device=idx.device) - starts
+        return AttentionMask(starts, ends, cfg.attn_window), positions
+
+    def embed(self, idx: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens (B, T) at positions start.. (or `positions`, (B, T)) -> the residual stream (B, T, C)."""
         x = self.transformer.wte(idx)
         if "wpe" in self.transformer:
-            pos = torch.arange(start, start + idx.size(1), dtype=torch.long, device=idx.device)
-            x = x + self.transformer.wpe(pos)
+            if positions is None:
+                positions = torch.arange(start, start + idx.size(1), dtype=torch.long, device=idx.device)
+            x = x + self.transformer.wpe(positions)
         return self.transformer.drop(x)
 
-    def rotary(self, t: int, start: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """RoPE's tables for positions start..start+t, shared by every layer (None with learned positions)."""
+    def rotary(self, t: int, start: int, device: torch.device,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE's tables for positions start..start+t (or `positions`, (B, T)), shared by every layer (None
+        with learned positions)."""
         if self.config.pos_embedding != "rope":
             return None
-        pos = torch.arange(start, start + t, dtype=torch.long, device=device)
-        return rotary_tables(pos, self.config.n_embd // self.config.n_head, self.config.rope_base)
+        if positions is None:
+            positions = torch.arange(start, start + t, dtype=torch.long, device=device)
+        return rotary_tables(positions, self.config.n_embd // self.config.n_head, self.config.rope_base)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The residual stream -> logits: final norm, lm_head, and the softcap if there is one."""

@@ -45,6 +45,9 @@ def check_pipeline(config: GPTConfig, layout: Layout, schedule: str, interleaved
         raise LayoutError(f"pipeline_schedule must be one of {tuple(SCHEDULES)}, got {schedule!r}")
     if layout.pipeline == 1:
         return
+    if config.doc_token >= 0 or config.attn_window:
+        raise LayoutError("doc_token and attn_window mask attention by the tokens, which the later pipeline stages "
+                          "never see: train them with data or tensor parallelism (pipeline_parallel=1)")
     if schedule == "interleaved_1f1b" and interleaved_stages < 2:
         raise LayoutError(f"pipeline_schedule='interleaved_1f1b' runs several stages per rank: "
                           f"pipeline_stages_per_rank must be >= 2, got {interleaved_stages}")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from impls import kernels_module, sdpa_backend
-from model import GPT, LayerNorm
+from model import GPT, AttentionMask, LayerNorm, attention, document_bounds
 
 # timer(name, fn) -> milliseconds that fn takes; name is the candidate, e.g. "attn_impl=triton" or
 # "ln_impl=torch", so that tests can answer per candidate without relying on the order of the calls.
@@ -131,20 +131,43 @@ def _choose_attention(model: GPT, batch_size: int, device: torch.device, dtype: 
     # The gradient arrives as the backward of y.transpose(1, 2).contiguous(): (B, T, H, D) memory.
     grad = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=gen).transpose(1, 2)
 
-    def sdpa(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    mask = _run_mask(model, B, T, device)
+
+    def sdpa(q, k, v):  # no dropout in either: outputs with dropout could not be compared
+        return attention(q, k, v, "sdpa", 0.0, _rows(mask, q.size(0)))
 
     def triton(q, k, v):
-        # no dropout in either: outputs with dropout could not be compared
-        return kernels_module().flash_attention(q, k, v, causal=True, dropout_p=0.0)
+        return attention(q, k, v, "triton", 0.0, _rows(mask, q.size(0)))
 
     # the check's slice keeps the full tensors' strides
     check = tuple(t.detach()[:1, :CHECK_HEADS].requires_grad_() for t in (q, k, v))
     # sdpa is what a user gets: PyTorch's choice of backend (cuDNN on an H100/H200 with torch 2.11), named
-    shapes = f"B={B} H={H} T={T} D={D} {_name(dtype)}, sdpa's backend {sdpa_backend(q, k, v, True)}"
+    backend = sdpa_backend(q, k, v, True) if mask is None else "for an explicit mask (documents, window)"
+    shapes = f"B={B} H={H} T={T} D={D} {_name(dtype)}, sdpa's backend {backend}"
     return _choose("attn_impl", "sdpa", sdpa, triton, inputs=(q, k, v), grad=grad,
                    check_inputs=check, check_grad=grad[:1, :CHECK_HEADS], names=("output", "dq", "dk", "dv"),
                    eps=_attention_eps(dtype, device), shapes=shapes, timer=timer, log=log)
+
+
+def _run_mask(model: GPT, batch: int, T: int, device: torch.device) -> AttentionMask | None:
+    """The run's documents and window, for measuring: documents of a quarter of block_size each (the data's
+    own lengths are not known yet), rows starting mid-document as random windows of a stream do."""
+    cfg = model.config
+    if cfg.doc_token < 0 and not cfg.attn_window:
+        return None
+    starts = ends = None
+    if cfg.doc_token >= 0:
+        tokens = torch.zeros(batch, T, dtype=torch.long, device=device)
+        tokens[:, max(1, T // 8)::max(1, T // 4)] = 1
+        starts, ends = document_bounds(tokens, 1)
+    return AttentionMask(starts, ends, cfg.attn_window)
+
+
+def _rows(mask: AttentionMask | None, batch: int) -> AttentionMask | None:
+    """The mask for the first `batch` rows (the agreement check runs on one)."""
+    if mask is None or mask.starts is None:
+        return mask
+    return AttentionMask(mask.starts[:batch], mask.ends[:batch], mask.window)
 
 
 def _attention_eps(dtype: torch.dtype, device: torch.device) -> float:

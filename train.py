@@ -89,6 +89,10 @@ activation = "gelu"  # 'gelu' or 'relu2' (ReLU squared)
 tie_embeddings = True  # share the token embedding with the lm_head
 logit_softcap = 0.0  # 0: off; c: logits = c * tanh(logits / c)
 zero_init_proj = False  # zero-initialize the residual output projections
+# packed documents (README: "Documents and windows"), off by default
+doc_token = -1  # the token that starts each document (50256, <|endoftext|>, for GPT-2's BPE): attend within it
+doc_positions = False  # with doc_token: positions restart at each document
+attn_window = 0  # 0: off; w: each token attends to the last w tokens only, itself included
 attn_impl = "auto"  # 'auto', 'eager', 'sdpa' or 'triton'
 ln_impl = "auto"  # 'auto', 'torch' or 'triton'
 ce_impl = "auto"  # the training loss: 'auto', 'torch' or 'triton' (fused linear cross-entropy, no logits held)

@@ -215,9 +215,10 @@ class Recorder:
 
 
 # --quick: every dtype, head-dim class, mask, dropout and fp32 matmul precision at least once.
-QUICK_ATTENTION = [(torch.bfloat16, 64, True, 0.0, False), (torch.bfloat16, 128, True, 0.1, False),
-                   (torch.float16, 40, False, 0.1, False), (torch.float32, 64, True, 0.0, True),
-                   (torch.float32, 128, False, 0.1, False)]
+QUICK_ATTENTION = [(torch.bfloat16, 64, True, False, 0.0, False), (torch.bfloat16, 128, True, False, 0.1, False),
+                   (torch.float16, 40, False, False, 0.1, False), (torch.float32, 64, True, False, 0.0, True),
+                   (torch.float32, 128, False, False, 0.1, False), (torch.bfloat16, 64, True, True, 0.1, False),
+                   (torch.float32, 80, True, True, 0.0, True)]
 # (dtype, width, mode): mode is "bias" or "no bias" for LayerNorm, or "rms" for RMSNorm (never a bias).
 QUICK_NORM = [(torch.bfloat16, 768, "bias"), (torch.float32, 1600, "no bias"), (torch.float16, 5000, "bias"),
               (torch.bfloat16, 20000, "no bias"), (torch.float16, 768, "rms"), (torch.bfloat16, 20000, "rms")]
@@ -229,14 +230,15 @@ def _first_if(quick: bool, space: tuple) -> tuple:
 
 
 def _attention_cases(quick: bool):
-    """(dtype, head dim, causal, dropout_p, allow TF32) for each attention case to compile. The spaces
-    depend on the head-dim block being over 64 or not; 80 is a non-power-of-two width."""
+    """(dtype, head dim, causal, masked, dropout_p, allow TF32) for each attention case to compile; masked:
+    documents and a window (causal only). The spaces depend on the head-dim block being over 64 or not; 80
+    is a non-power-of-two width."""
     if quick:
         return QUICK_ATTENTION
-    return [(dtype, head_dim, causal, dropout_p, tf32)
+    return [(dtype, head_dim, causal, masked, dropout_p, tf32)
             for dtype in (torch.bfloat16, torch.float16, torch.float32)
             for head_dim in (16, 64, 80, 128)
-            for causal in (True, False)
+            for causal, masked in ((True, False), (False, False), (True, True))
             for dropout_p in (0.0, 0.1)
             for tf32 in ((False, True) if dtype == torch.float32 else (False,))]
 
@@ -244,24 +246,26 @@ def _attention_cases(quick: bool):
 def compile_attention(recorder: Recorder, quick: bool, capability: int):
     """Every tiling of the forward's space, of the one-pass backward's and of the deterministic backward's."""
     fa = importlib.import_module(KERNEL_MODULES[0])
-    for dtype, head_dim, causal, dropout_p, tf32 in _attention_cases(quick):
+    for dtype, head_dim, causal, masked, dropout_p, tf32 in _attention_cases(quick):
         # fp32 tiles depend on whether matmuls may use TF32, as torch's own do.
         torch.backends.cuda.matmul.allow_tf32 = tf32
         # T = 1000: not a multiple of any tile, so the launch is specialized as a general length.
         q = torch.empty(2, 3, 1000, head_dim, dtype=dtype)
         seed = torch.tensor([1234]) if dropout_p else None
+        starts, ends, window = (torch.zeros(2, 1000, dtype=torch.int32),) * 2 + (256,) if masked else (None, None, 0)
         case = (f"{str(dtype).removeprefix('torch.')}{' tf32' if tf32 else ''} D={head_dim}"
-                f"{' causal' if causal else ''}{f' dropout={dropout_p}' if dropout_p else ''}")
+                f"{' causal' if causal else ''}{' documents+window' if masked else ''}"
+                f"{f' dropout={dropout_p}' if dropout_p else ''}")
         space = {kernel: _first_if(quick, attention_space(kernel, fa._block_d(head_dim), dtype, dropout_p > 0,
                                                           capability, tf32))
                  for kernel in ("forward", "backward", "deterministic")}
         recorder.case = case
         for tiles in space["forward"]:
-            _, lse = fa._forward(q, q, q, causal, head_dim ** -0.5, dropout_p, seed, tiles)
+            _, lse = fa._forward(q, q, q, causal, head_dim ** -0.5, dropout_p, seed, starts, window, tiles)
         for design in ("backward", "deterministic"):
             recorder.case = f"{case} {'one-pass' if design == 'backward' else 'deterministic'}"
             for tiles in space[design]:
-                fa._backward(q, q, q, q, q, lse, causal, head_dim ** -0.5, dropout_p, seed,
+                fa._backward(q, q, q, q, q, lse, causal, head_dim ** -0.5, dropout_p, seed, starts, ends, window,
                              design == "deterministic", tiles)
 
 

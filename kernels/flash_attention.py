@@ -43,7 +43,7 @@ _DELTA_ROWS = 64
 
 # Autotuning: a launch tunes once per key (with the tensors' dtypes, which Triton adds) and each kernel's
 # early_config_prune keeps the configurations of its own space (kernels/tuning.py).
-_TUNING_KEY = ["BLOCK_D", "CAUSAL", "DROPOUT", "PRECISION", "t_bucket"]
+_TUNING_KEY = ["BLOCK_D", "CAUSAL", "DOCS", "WINDOW", "DROPOUT", "PRECISION", "t_bucket"]
 
 
 def _space(kernel, named_args, kwargs):
@@ -108,25 +108,74 @@ def _key_split(m0, T, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
-def _visible(rows, cols, T, CAUSAL: tl.constexpr):
-    """Whether query `rows` sees key `cols`; they broadcast against each other, in either orientation.
+def _visible(rows, cols, T, starts, window, CAUSAL: tl.constexpr, DOCS: tl.constexpr, WINDOW: tl.constexpr):
+    """Whether query `rows` sees key `cols`; they broadcast against each other, in either orientation
+    (`starts`, the queries' document starts, like `rows`).
 
     Causal: keys up to the query's own position, which for a query before T also keeps out the keys
     past T. Otherwise: every key before T. Queries past T need no mask: they are never stored, and the
-    backward zeroes their probabilities through lse = +inf.
+    backward zeroes their probabilities through lse = +inf. DOCS: only keys from the query's document
+    start on; WINDOW: only the last `window` keys, the query's own included.
     """
     if CAUSAL:
         visible = cols <= rows
     else:
         visible = cols < T
+    if DOCS:
+        visible = visible & (cols >= starts)
+    if WINDOW:
+        visible = visible & (cols > rows - window)
     return visible
 
 
 @triton.jit
+def _first_key(row, start, window, DOCS: tl.constexpr, WINDOW: tl.constexpr):
+    """The first key that the causal query `row` sees (its document starts at `start`)."""
+    first = row * 0
+    if DOCS:
+        first = tl.maximum(first, start)
+    if WINDOW:
+        first = tl.maximum(first, row - window + 1)
+    return first
+
+
+@triton.jit
+def _masked_key_range(m0, T, split, start_ptr, window, DOCS: tl.constexpr, WINDOW: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo, full) for the causal query tile at m0 under a document or window mask: no query of the tile
+    sees the key tiles before lo, some see those in [lo, full), all see those in [full, split). Document
+    starts and windows only grow along the rows, so the tile's first and last rows bound them all."""
+    last = tl.minimum(m0 + BLOCK_M, T) - 1
+    first_of_first = _first_key(m0, tl.load(start_ptr + m0) if DOCS else 0, window, DOCS, WINDOW)
+    first_of_last = _first_key(last, tl.load(start_ptr + last) if DOCS else 0, window, DOCS, WINDOW)
+    lo = (first_of_first // BLOCK_N) * BLOCK_N
+    full = tl.minimum(tl.cdiv(first_of_last, BLOCK_N) * BLOCK_N, split)
+    return lo, full
+
+
+@triton.jit
+def _masked_query_range(n0, T, end_ptr, window, DOCS: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(full, hi) for the key tile at n0 under a document or window mask: the queries past the tile and
+    before `full` see all its keys, those in [full, hi) some, later ones none (`end_ptr`: for each key,
+    where the next document starts)."""
+    last = tl.minimum(n0 + BLOCK_N, T) - 1
+    full = T + n0 * 0
+    hi = T + n0 * 0
+    if DOCS:
+        full = tl.minimum(full, tl.load(end_ptr + n0))
+        hi = tl.minimum(hi, tl.load(end_ptr + last))
+    if WINDOW:
+        full = tl.minimum(full, n0 + window)
+        hi = tl.minimum(hi, last + window)
+    return full, hi
+
+
+@triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
-               rows, lo, hi, bh, T, D, qk_scale, seed, dropout_p,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+               rows, starts, window, lo, hi, bh, T, D, qk_scale, seed, dropout_p,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOCS: tl.constexpr, WINDOW: tl.constexpr,
+               DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+               PRECISION: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -134,12 +183,17 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, 
         v = _load_tile(v_ptr, cols, offs_d, stride_vt, stride_vd, T, D, UPCAST, PRECISION)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # raw scores: the scale is folded in below
         if MASKED:
-            s = tl.where(_visible(rows[:, None], cols[None, :], T, CAUSAL), s, float("-inf"))
+            s = tl.where(_visible(rows[:, None], cols[None, :], T, starts, window, CAUSAL, DOCS, WINDOW), s,
+                         float("-inf"))
         # qk_scale > 0, so the row max of the raw scores, scaled, is that of the scaled scores, and each
         # score's exponent s * qk_scale - m is one fused multiply-add
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
+        m_ref = m_new
+        if MASKED:
+            if DOCS or WINDOW:  # a row may see no key yet (its document or window starts later): no NaN
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s * qk_scale - m_ref[:, None])
         # The normalizer sums the un-dropped probabilities: out = dropout(softmax(S)) V.
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
@@ -156,9 +210,10 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, 
 def _fwd_kernel(Q, K, V, O, LSE,
                 stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
                 stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
-                H, T, D, qk_scale, SEED, dropout_p, keep_scale, t_bucket,
-                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                H, T, D, qk_scale, SEED, dropout_p, keep_scale, t_bucket, DOC_START, window,
+                CAUSAL: tl.constexpr, DOCS: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
     if CAUSAL:  # the last query tiles see the most keys: launch them first, so the tail has the light ones
         m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     else:
@@ -178,14 +233,24 @@ def _fwd_kernel(Q, K, V, O, LSE,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    start_ptr = DOC_START + b.to(tl.int64) * T if DOCS else DOC_START  # None without documents
+    starts = tl.load(start_ptr + rows, mask=rows < T, other=0)[:, None] if DOCS else 0
     split, end = _key_split(m0, T, CAUSAL, BLOCK_M, BLOCK_N)
+    first_unmasked = 0
+    if DOCS or WINDOW:  # key tiles before lo are never visited; [lo, first_unmasked) are partly visible
+        lo, first_unmasked = _masked_key_range(m0, T, split, start_ptr, window, DOCS, WINDOW, BLOCK_M, BLOCK_N)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
+                                   rows, starts, window, lo, first_unmasked, bh, T, D, qk_scale, seed, dropout_p,
+                                   True, CAUSAL, DOCS, WINDOW, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
-                               rows, 0, split, bh, T, D, qk_scale, seed, dropout_p,
-                               False, CAUSAL, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+                               rows, starts, window, first_unmasked, split, bh, T, D, qk_scale, seed, dropout_p,
+                               False, CAUSAL, DOCS, WINDOW, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
-                               rows, split, end, bh, T, D, qk_scale, seed, dropout_p,
-                               True, CAUSAL, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+                               rows, starts, window, split, end, bh, T, D, qk_scale, seed, dropout_p,
+                               True, CAUSAL, DOCS, WINDOW, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
 
+    if DOCS or WINDOW:  # a padding row past T may see no key: keep it finite (it is never stored)
+        l_i = tl.where(rows < T, l_i, 1.0)
     out = acc * (keep_scale / l_i)[:, None]
     tl.store(o_ptr + rows[:, None] * stride_ot + offs_d[None, :] * stride_od,
              round_to(out, O, UPCAST).to(O.dtype.element_ty),
@@ -208,10 +273,11 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_od,
 
 
 @triton.jit
-def _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qt, stride_qd, stride_dot,
-                    stride_dod, cols, lo, hi, bh, T, D, softmax_scale, qk_scale, seed, dropout_p, keep_scale,
-                    MASKED: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, start_ptr, stride_qt, stride_qd,
+                    stride_dot, stride_dod, cols, window, lo, hi, bh, T, D, softmax_scale, qk_scale, seed, dropout_p,
+                    keep_scale, MASKED: tl.constexpr, DOCS: tl.constexpr, WINDOW: tl.constexpr,
+                    DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     # Everything is computed transposed (keys along dim 0) so dK and dV accumulate without transposes.
     offs_d = tl.arange(0, BLOCK_D)
     for start_m in range(lo, hi, BLOCK_M):
@@ -222,8 +288,9 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, str
         lse = tl.load(lse_ptr + rows, mask=rows < T, other=float("inf"))
         delta = tl.load(delta_ptr + rows, mask=rows < T, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
-        if MASKED:  # the causal diagonal band
-            p_t = tl.where(_visible(rows[None, :], cols[:, None], T, True), p_t, 0.0)
+        if MASKED:  # the causal diagonal band, and the edges of documents and windows
+            starts = tl.load(start_ptr + rows, mask=rows < T, other=0)[None, :] if DOCS else 0
+            p_t = tl.where(_visible(rows[None, :], cols[:, None], T, starts, window, True, DOCS, WINDOW), p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
             keep_t = _dropout_keep(seed, bh, rows[None, :], cols[:, None], T, dropout_p)
@@ -251,9 +318,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA,
                      stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
                      stride_vb, stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
                      stride_gb, stride_gh, stride_gt, stride_gd,
-                     H, T, D, softmax_scale, qk_scale, SEED, dropout_p, keep_scale, t_bucket,
-                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                     H, T, D, softmax_scale, qk_scale, SEED, dropout_p, keep_scale, t_bucket, DOC_START, DOC_END,
+                     window, CAUSAL: tl.constexpr, DOCS: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+                     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     h, b = tl.program_id(1), tl.program_id(2)
     bh = b * H + h
@@ -271,21 +339,33 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA,
                    cols, offs_d, stride_vt, stride_vd, T, D, UPCAST, PRECISION)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    start_ptr = DOC_START + b.to(tl.int64) * T if DOCS else DOC_START  # None without documents
     # Keys past T are never stored, so only the causal diagonal needs a mask. Causal: queries before
     # n0 cannot see this key tile, the query tiles in [n0, n0 + BLOCK_N) straddle the diagonal, and
-    # every later query sees the whole tile.
+    # every later query sees the whole tile, but for documents and windows: those end, and the queries
+    # past their end see none of it.
     if CAUSAL:
-        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qt, stride_qd,
-                                 stride_dot, stride_dod, cols, n0, tl.minimum(n0 + BLOCK_N, T), bh, T, D,
-                                 softmax_scale, qk_scale, seed, dropout_p, keep_scale,
-                                 True, DROPOUT, ATOMIC_DQ, BLOCK_M, BLOCK_D, UPCAST, PRECISION)
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, start_ptr, stride_qt,
+                                 stride_qd, stride_dot, stride_dod, cols, window, n0, tl.minimum(n0 + BLOCK_N, T),
+                                 bh, T, D, softmax_scale, qk_scale, seed, dropout_p, keep_scale,
+                                 True, DOCS, WINDOW, DROPOUT, ATOMIC_DQ, BLOCK_M, BLOCK_D, UPCAST, PRECISION)
         first_unmasked = n0 + BLOCK_N
     else:
         first_unmasked = 0
-    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qt, stride_qd,
-                             stride_dot, stride_dod, cols, first_unmasked, T, bh, T, D,
+    unmasked_end = T
+    if DOCS or WINDOW:
+        end_ptr = DOC_END + b.to(tl.int64) * T if DOCS else DOC_END
+        full, hi = _masked_query_range(n0, T, end_ptr, window, DOCS, WINDOW, BLOCK_N)
+        unmasked_end = first_unmasked + tl.maximum(full - first_unmasked, 0) // BLOCK_M * BLOCK_M
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, start_ptr, stride_qt,
+                             stride_qd, stride_dot, stride_dod, cols, window, first_unmasked, unmasked_end, bh, T, D,
                              softmax_scale, qk_scale, seed, dropout_p, keep_scale,
-                             False, DROPOUT, ATOMIC_DQ, BLOCK_M, BLOCK_D, UPCAST, PRECISION)
+                             False, DOCS, WINDOW, DROPOUT, ATOMIC_DQ, BLOCK_M, BLOCK_D, UPCAST, PRECISION)
+    if DOCS or WINDOW:  # the queries that see part of the tile; later ones are never visited
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, start_ptr, stride_qt,
+                                 stride_qd, stride_dot, stride_dod, cols, window, unmasked_end, hi, bh, T, D,
+                                 softmax_scale, qk_scale, seed, dropout_p, keep_scale,
+                                 True, DOCS, WINDOW, DROPOUT, ATOMIC_DQ, BLOCK_M, BLOCK_D, UPCAST, PRECISION)
 
     # dK and dV share one layout (stride_g*), chosen by the launcher.
     mask = (cols[:, None] < T) & (offs_d[None, :] < D)
@@ -297,9 +377,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA,
 
 @triton.jit
 def _bwd_dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
-                  rows, lo, hi, bh, T, D, qk_scale, seed, dropout_p, keep_scale,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                  rows, starts, window, lo, hi, bh, T, D, qk_scale, seed, dropout_p, keep_scale,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOCS: tl.constexpr, WINDOW: tl.constexpr,
+                  DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                  PRECISION: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -307,7 +388,7 @@ def _bwd_dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_kd, str
         v = _load_tile(v_ptr, cols, offs_d, stride_vt, stride_vd, T, D, UPCAST, PRECISION)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
         if MASKED:
-            p = tl.where(_visible(rows[:, None], cols[None, :], T, CAUSAL), p, 0.0)
+            p = tl.where(_visible(rows[:, None], cols[None, :], T, starts, window, CAUSAL, DOCS, WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             dp = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p), dp * keep_scale, 0.0)
@@ -323,9 +404,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                    stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
                    stride_vb, stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
                    stride_gb, stride_gh, stride_gt, stride_gd,
-                   H, T, D, softmax_scale, qk_scale, SEED, dropout_p, keep_scale, t_bucket,
-                   CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                   H, T, D, softmax_scale, qk_scale, SEED, dropout_p, keep_scale, t_bucket, DOC_START, DOC_END,
+                   window, CAUSAL: tl.constexpr, DOCS: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1), tl.program_id(2)
     bh = b * H + h
@@ -341,13 +423,21 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
     lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    start_ptr = DOC_START + b.to(tl.int64) * T if DOCS else DOC_START  # None without documents
+    starts = tl.load(start_ptr + rows, mask=rows < T, other=0)[:, None] if DOCS else 0
     split, end = _key_split(m0, T, CAUSAL, BLOCK_M, BLOCK_N)
+    first_unmasked = 0
+    if DOCS or WINDOW:  # as in the forward
+        lo, first_unmasked = _masked_key_range(m0, T, split, start_ptr, window, DOCS, WINDOW, BLOCK_M, BLOCK_N)
+        dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
+                           rows, starts, window, lo, first_unmasked, bh, T, D, qk_scale, seed, dropout_p, keep_scale,
+                           True, CAUSAL, DOCS, WINDOW, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
     dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
-                       rows, 0, split, bh, T, D, qk_scale, seed, dropout_p, keep_scale,
-                       False, CAUSAL, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+                       rows, starts, window, first_unmasked, split, bh, T, D, qk_scale, seed, dropout_p, keep_scale,
+                       False, CAUSAL, DOCS, WINDOW, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
     dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
-                       rows, split, end, bh, T, D, qk_scale, seed, dropout_p, keep_scale,
-                       True, CAUSAL, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+                       rows, starts, window, split, end, bh, T, D, qk_scale, seed, dropout_p, keep_scale,
+                       True, CAUSAL, DOCS, WINDOW, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
     tl.store(DQ + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
              + rows[:, None] * stride_gt + offs_d[None, :] * stride_gd,
              round_to(dq * softmax_scale, DQ, UPCAST).to(DQ.dtype.element_ty),
@@ -391,20 +481,25 @@ def _launch(kernel, grid, tiles, held_name, streamed_name, *args, **meta):
                         num_warps=tiles.warps, num_stages=tiles.stages)
 
 
-def _forward(q, k, v, causal, softmax_scale, dropout_p, seed, tiles: Tiles | None = None):
+def _mask_meta(starts, window):
+    """The kernels' mask switches: documents given, and a window."""
+    return dict(DOCS=starts is not None, WINDOW=window > 0)
+
+
+def _forward(q, k, v, causal, softmax_scale, dropout_p, seed, starts, window, tiles: Tiles | None = None):
     B, H, T, D = q.shape
     out = _bthd_like(q)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     _launch(_fwd_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), H, B), tiles, "BLOCK_M", "BLOCK_N",
             q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             H, T, D, softmax_scale * math.log2(math.e), seed, dropout_p, 1.0 / (1.0 - dropout_p), sequence_bucket(T),
-            CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_D=_block_d(D),
+            starts, window, CAUSAL=causal, **_mask_meta(starts, window), DROPOUT=dropout_p > 0, BLOCK_D=_block_d(D),
             UPCAST=interpreter_enabled() and q.dtype != torch.float32, PRECISION=_dot_precision(q.dtype))
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, causal, softmax_scale, dropout_p, seed, deterministic: bool,
-              tiles: Tiles | None = None):
+def _backward(do, q, k, v, out, lse, causal, softmax_scale, dropout_p, seed, starts, ends, window,
+              deterministic: bool, tiles: Tiles | None = None):
     """dq, dk, dv. The one-pass design: one kernel per key tile computes dK and dV and adds its share of dQ
     into an fp32 buffer with atomics (5 matmuls and 1 exponential per score tile), then one cast. Atomics
     add in whatever order the programs finish, so dQ's last bits vary run to run; deterministic: a second
@@ -417,8 +512,8 @@ def _backward(do, q, k, v, out, lse, causal, softmax_scale, dropout_p, seed, det
     dq, dk, dv = _bthd_like(q), _bthd_like(q), _bthd_like(q)
     dq_acc = dq if deterministic else torch.zeros(B, H, T, D, dtype=torch.float32, device=q.device)
     args = (H, T, D, softmax_scale, softmax_scale * math.log2(math.e), seed, dropout_p, 1.0 / (1.0 - dropout_p),
-            sequence_bucket(T))
-    meta = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, BLOCK_D=block_d,
+            sequence_bucket(T), starts, ends, window)
+    meta = dict(CAUSAL=causal, **_mask_meta(starts, window), DROPOUT=dropout_p > 0, BLOCK_D=block_d,
                 UPCAST=interpreter_enabled() and q.dtype != torch.float32, PRECISION=_dot_precision(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride())
     _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), H, B), tiles, "BLOCK_N", "BLOCK_M",
@@ -433,26 +528,47 @@ def _backward(do, q, k, v, out, lse, causal, softmax_scale, dropout_p, seed, det
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, dropout_p, softmax_scale, seed, deterministic, tiles):
+    def forward(ctx, q, k, v, causal, dropout_p, softmax_scale, seed, starts, ends, window, deterministic, tiles):
         forward_tiles, ctx.backward_tiles = tiles
-        out, lse = _forward(q, k, v, causal, softmax_scale, dropout_p, seed, forward_tiles)
-        ctx.save_for_backward(q, k, v, out, lse, seed)
-        ctx.causal, ctx.dropout_p, ctx.softmax_scale = causal, dropout_p, softmax_scale
+        out, lse = _forward(q, k, v, causal, softmax_scale, dropout_p, seed, starts, window, forward_tiles)
+        ctx.save_for_backward(q, k, v, out, lse, seed, starts, ends)
+        ctx.causal, ctx.dropout_p, ctx.softmax_scale, ctx.window = causal, dropout_p, softmax_scale, window
         ctx.deterministic = deterministic
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse, seed = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed,
-                               ctx.deterministic, ctx.backward_tiles)
-        return dq, dk, dv, None, None, None, None, None, None
+        q, k, v, out, lse, seed, starts, ends = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed, starts,
+                               ends, ctx.window, ctx.deterministic, ctx.backward_tiles)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 def _seed_tensor(seed, device):
     if not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed={seed!r} must be an int in [0, 2**63), or None to draw one")
     return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def _document_bounds(documents, q, causal):
+    """documents as the kernels take them, int32 and contiguous, after checking them against q."""
+    if documents is None:
+        return None, None
+    if not causal:
+        raise ValueError("documents restrict causal attention: pass causal=True with them")
+    B, _, T, _ = q.shape
+    if not (isinstance(documents, tuple) and len(documents) == 2):
+        raise ValueError("documents must be a pair (starts, ends) of (B, T) tensors: where each position's document "
+                         "starts and where the next one starts")
+    checked = []
+    for name, bounds in zip(("starts", "ends"), documents):
+        if not isinstance(bounds, torch.Tensor) or bounds.shape != (B, T) or bounds.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"documents' {name} must be an integer tensor of shape (B, T) = {(B, T)}, got "
+                             f"{getattr(bounds, 'dtype', type(bounds).__name__)} {tuple(getattr(bounds, 'shape', ()))}")
+        if bounds.device != q.device:
+            raise ValueError(f"documents' {name} are on {bounds.device}, q on {q.device}; move them to one device")
+        checked.append(bounds.to(torch.int32).contiguous())
+    return tuple(checked)
 
 
 def _check_inputs(q, k, v, dropout_p, softmax_scale=None):
@@ -482,8 +598,8 @@ def _check_inputs(q, k, v, dropout_p, softmax_scale=None):
         raise ValueError(f"softmax_scale={softmax_scale} must be > 0 (None: 1/sqrt(head dim))")
 
 
-def flash_attention(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, *, seed=None,
-                    deterministic: bool | None = None, tiles: tuple[Tiles, Tiles] | None = None):
+def flash_attention(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, *, documents=None, window: int = 0,
+                    seed=None, deterministic: bool | None = None, tiles: tuple[Tiles, Tiles] | None = None):
     """softmax(q k^T * softmax_scale) v with FlashAttention-2 kernels, like F.scaled_dot_product_attention.
 
     q, k, v: (B, H, T, D), any strides, fp16/bf16/fp32, 16 <= D <= 128. causal: query i attends to keys
@@ -492,6 +608,10 @@ def flash_attention(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, *, 
     generator that torch.manual_seed seeds: no host sync, and nothing for torch.compile to break its
     graph on, as the kernels read the seed from device memory. Returns (B, H, T, D),
     stored as (B, T, H, D) so that `out.transpose(1, 2).reshape(B, T, H * D)` does not copy.
+    documents: (starts, ends), two (B, T) integer tensors for packed sequences: each row holds documents one
+    after the other, and position t's document spans [starts[b, t], ends[b, t]); a query then sees only
+    the keys of its own document. window: a query sees only the last `window` keys, its own included
+    (0: all). Both need causal; the key tiles they leave empty are never loaded.
     deterministic: the backward's design (see _backward): None follows
     torch.use_deterministic_algorithms, True gives bit-identical gradients run to run, False the faster
     one-pass kernel whose dQ is summed with atomics.
@@ -499,6 +619,9 @@ def flash_attention(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, *, 
     of the GPU's spaces in the interpreter with it).
     """
     _check_inputs(q, k, v, dropout_p, softmax_scale)
+    starts, ends = _document_bounds(documents, q, causal)
+    if not isinstance(window, int) or window < 0 or (window and not causal):
+        raise ValueError(f"window={window!r} must be an int >= 0 (0: no window), and > 0 only with causal=True")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     if dropout_p == 0.0:
@@ -509,8 +632,8 @@ def flash_attention(q, k, v, causal=True, dropout_p=0.0, softmax_scale=None, *, 
         seed_tensor = _seed_tensor(seed, q.device)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    return _FlashAttention.apply(q, k, v, bool(causal), float(dropout_p), float(softmax_scale), seed_tensor,
-                                 bool(deterministic), tiles or (None, None))
+    return _FlashAttention.apply(q, k, v, bool(causal), float(dropout_p), float(softmax_scale), seed_tensor, starts,
+                                 ends, window, bool(deterministic), tiles or (None, None))
 
 
 def flash_attention_supported(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:

@@ -202,7 +202,7 @@ def test_both_backward_designs_agree_and_the_deterministic_one_repeats_exactly(c
     backward = flash_module._backward
 
     def recording_backward(*args):
-        designs.append(args[10])  # the `deterministic` argument
+        designs.append(args[13])  # the `deterministic` argument
         return backward(*args)
 
     monkeypatch.setattr(flash_module, "_backward", recording_backward)
