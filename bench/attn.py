@@ -10,16 +10,27 @@ Implementations: `eager` (q @ k^T, mask, softmax, @ v: model.attention's 'eager'
 on an H100/H200 with torch 2.11 that is cuDNN), `sdpa_flash` and `sdpa_cudnn` (SDPA restricted to its
 FlashAttention-2 or its cuDNN backend, where they run), `flex` (torch.nn.attention.flex_attention,
 compiled, with a causal block mask; CUDA only: it has no backward on CPU) and `triton`
-(kernels/flash_attention.py; CUDA only). vs_sdpa compares with the default. Every case holds 16k tokens, batch x T = 16384 for T
-from 512 to 16384 (so batch 1 at the longest T), with GPT-2's 12 heads of 64 and with 6 heads of 128
-(the same width, 768). q, k and v are views of one (B, T, 3, H, D) tensor, as the model makes them.
+(kernels/flash_attention.py; CUDA only). vs_sdpa compares with the default.
+
+Every case holds 16k tokens, batch x T = 16384 for T from 512 to 16384 (so batch 1 at the longest T),
+with GPT-2's 12 heads of 64 and with 6 heads of 128 (the same width, 768). q, k and v are views of one (B, T, 3, H, D) tensor, as the model makes them.
 Without CUDA the sweep is smaller (T up to 1024, 2048 tokens) and the Triton rows are skipped.
+
+Then the masked rows (--masks no skips them): causal attention restricted to documents and/or a sliding
+window, at T=8192 on a GPU (512 on CPU), with document lengths drawn from data/python_stdlib's files when
+that corpus is there (bench/documents.py makes it), else around 1k tokens. `eager` and `sdpa` take the
+mask spelled out (model.attention's path), `flex` a block mask, `triton` the documents and window
+themselves; tiles_pct is the share of the causal forward's 128x64 tiles that the mask leaves non-empty,
+the work the Triton kernel and FlexAttention do (arithmetic; tests/test_attention_masks.py checks that the
+kernel loads exactly those).
 """
 import functools
 import math
 import sys
 import warnings
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -29,6 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import model  # noqa: E402
 from impls import sdpa_backend  # noqa: E402
+from model import AttentionMask, document_bounds  # noqa: E402
 from bench import common  # noqa: E402
 
 IMPLS = ("eager", "sdpa", "sdpa_flash", "sdpa_cudnn", "flex", "triton")
@@ -40,8 +52,12 @@ SEQ_LENS = {"gpu": (512, 1024, 2048, 4096, 8192, 16384), "cpu": (128, 256, 512, 
 TOKENS = {"gpu": 16384, "cpu": 2048, "quick": 128}  # batch x T of every case
 HEAD_DIMS = {"gpu": (64, 128), "cpu": (64, 128), "quick": (64,)}
 REP_MS = {"gpu": 100.0, "cpu": 100.0, "quick": 5.0}  # time spent timing each case
-COLUMNS = ("impl", "mode", "causal", "B", "T", "H", "D", "ms", "TFLOPS", "peak_MiB",
+COLUMNS = ("impl", "mode", "mask", "causal", "B", "T", "H", "D", "ms", "TFLOPS", "tiles_pct", "peak_MiB",
            "vs_sdpa", "vs_eager", "mem_vs_eager", "note")
+MASKED_IMPLS = ("eager", "sdpa", "flex", "triton")
+MASKED_SHAPES = {"gpu": (2, 8192), "cpu": (1, 512), "quick": (1, 64)}  # (B, T) of the masked cases
+CORPUS = Path("data/python_stdlib/train.bin")  # GPT-2 tokens of the standard library's modules, one per file
+TILE = (128, 64)  # the forward's largest tiling, for tiles_pct
 
 
 def attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, causal: bool, mode: str) -> float:
@@ -156,10 +172,117 @@ def bench_shape(impls: dict, batch: int, seq_len: int, heads: int, head_dim: int
                 note = f"backend: {default_backend}" + (f"; {note}" if note else "")
             flops = attention_flops(batch, heads, seq_len, head_dim, causal, mode)
             rows.append({
-                "impl": name, "mode": mode, "causal": causal, "B": batch, "T": seq_len, "H": heads, "D": head_dim,
-                "ms": ms, "TFLOPS": flops / (ms * 1e-3) / 1e12 if ms else None, "peak_MiB": peak,
-                "error": error, "note": note,
+                "impl": name, "mode": mode, "mask": "-", "causal": causal, "B": batch, "T": seq_len, "H": heads,
+                "D": head_dim, "ms": ms, "TFLOPS": flops / (ms * 1e-3) / 1e12 if ms else None, "tiles_pct": None,
+                "peak_MiB": peak, "error": error, "note": note,
             })
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Documents and windows
+
+
+def corpus_lengths() -> list[int] | None:
+    """The token lengths of the corpus's documents (each starts with <|endoftext|>), if it is there."""
+    if not CORPUS.exists():
+        return None
+    starts = np.flatnonzero(np.fromfile(CORPUS, dtype=np.uint16) == 50256)
+    return np.diff(starts).tolist() or None
+
+
+def packed_documents(batch: int, seq_len: int, lengths: list[int] | None, mean: int, seed: int) -> AttentionMask:
+    """Rows cut from a stream of documents (from `lengths`, else exponential around `mean`), as train.py's
+    random windows are: a row starts somewhere inside a document."""
+    rng = np.random.default_rng(seed)
+    tokens = torch.zeros(batch, seq_len, dtype=torch.long)
+    for row in range(batch):
+        position = -int(rng.integers(0, mean))  # the first document began before the row
+        while position < seq_len:
+            if position >= 0:
+                tokens[row, position] = 1
+            position += int(rng.choice(lengths)) if lengths else max(1, int(rng.exponential(mean)))
+    starts, ends = document_bounds(tokens, 1)
+    return AttentionMask(starts, ends, 0)
+
+
+def mask_cases(batch: int, seq_len: int, device: str) -> list[tuple[str, AttentionMask]]:
+    lengths = corpus_lengths()
+    mean = min(1024, seq_len // 4)
+    where = "the corpus's files" if lengths else f"~{mean} tokens"
+    documents = packed_documents(batch, seq_len, lengths, mean, seed=0)
+    documents = AttentionMask(documents.starts.to(device), documents.ends.to(device), 0)
+    small, large = min(128, seq_len // 4), min(1024, seq_len // 2)
+    return [(f"documents ({where})", documents), (f"window {small}", AttentionMask(None, None, small)),
+            (f"window {large}", AttentionMask(None, None, large)),
+            (f"documents + window {large // 2}", AttentionMask(documents.starts, documents.ends, large // 2))]
+
+
+def flex_block_mask(mask: AttentionMask, batch: int, seq_len: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def visible(b, h, q_idx, kv_idx):
+        seen = kv_idx <= q_idx
+        if mask.starts is not None:
+            seen = seen & (kv_idx >= mask.starts[b, q_idx])
+        if mask.window:
+            seen = seen & (q_idx - kv_idx < mask.window)
+        return seen
+
+    return create_block_mask(visible, batch if mask.starts is not None else None, None, seq_len, seq_len, device=device)
+
+
+def masked_implementations(names: list[str], mask: AttentionMask, batch: int, seq_len: int, device: str) -> dict:
+    """Each implementation under the mask: the model's own path (model.attention) for ours and PyTorch's."""
+    fns = {name: functools.partial(model.attention, impl=name, dropout_p=0.0, mask=mask) for name in ("eager", "sdpa")}
+    if device.startswith("cuda"):
+        block_mask = flex_block_mask(mask, batch, seq_len, device)
+        fns["flex"] = lambda q, k, v: compiled_flex()(q, k, v, block_mask=block_mask)
+        fns["triton"] = functools.partial(model.attention, impl="triton", dropout_p=0.0, mask=mask)
+    return {name: fns[name] for name in names if name in fns}
+
+
+def visible_share(mask: AttentionMask, seq_len: int, tile: tuple[int, int] | None = None) -> float:
+    """The share of the causal score matrix (of its tiles, with `tile`) that the mask leaves non-empty."""
+    dense = mask.dense(seq_len, torch.device("cpu") if mask.starts is None else mask.starts.device)[:, 0].cpu()
+    causal = AttentionMask(None, None, 0).dense(seq_len, torch.device("cpu"))[:, 0]
+    if tile is None:
+        return dense.sum().item() / (causal.sum().item() * dense.size(0))
+    rows, cols = -(-seq_len // tile[0]), -(-seq_len // tile[1])
+
+    def tiles(m):
+        padded = torch.zeros(m.size(0), rows * tile[0], cols * tile[1], dtype=torch.bool)
+        padded[:, :seq_len, :seq_len] = m
+        return padded.view(m.size(0), rows, tile[0], cols, tile[1]).any(4).any(2).sum().item()
+
+    return tiles(dense) / (tiles(causal) * dense.size(0))
+
+
+def bench_masked(names: list[str], batch: int, seq_len: int, heads: int, head_dim: int, modes: list[str],
+                 device: str, dtype: str, rep_ms: float) -> list[dict]:
+    q, k, v, grad_out = make_inputs(batch, seq_len, heads, head_dim, device, getattr(torch, dtype))
+    rows = []
+    for label, mask in mask_cases(batch, seq_len, device):
+        print(f"D={head_dim} B={batch} T={seq_len} {label}", file=sys.stderr, flush=True)
+        inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        out = model.attention(*inputs, "sdpa", 0.0, mask)
+        ref_out, ref_grads = out.detach(), torch.autograd.grad(out, inputs, grad_out.float())
+        tiles_pct = 100 * visible_share(mask, seq_len, TILE)
+        pairs = visible_share(mask, seq_len) * batch * seq_len * (seq_len + 1) / 2
+        for name, fn in masked_implementations(names, mask, batch, seq_len, device).items():
+            for mode in modes:
+                expected = (ref_out,) if mode == "fwd" else ref_grads
+                result, note = common.attempt(functools.partial(common.run_case, fn, (q, k, v), grad_out, mode,
+                                                                expected, device, rep_ms))
+                ms, peak, error = result or (None, None, None)
+                flops = 4 * pairs * heads * head_dim * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+                rows.append({
+                    "impl": name, "mode": mode, "mask": label, "causal": True, "B": batch, "T": seq_len, "H": heads,
+                    "D": head_dim, "ms": ms, "TFLOPS": flops / (ms * 1e-3) / 1e12 if ms else None,
+                    "tiles_pct": tiles_pct, "peak_MiB": peak, "error": error,
+                    "note": common.mismatch_note(error, dtype) if error is not None else note,
+                })
+        common.free_memory()
     return rows
 
 
@@ -171,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head_dim", nargs="+", type=int, help="D values, with 768 // D heads (default: 64 128)")
     p.add_argument("--seq_len", nargs="+", type=int, help="T values (default: 512 to 16384 on GPU)")
     p.add_argument("--tokens", type=int, help="batch x T of every case (default: 16384 on GPU)")
+    p.add_argument("--masks", choices=("yes", "no", "only"), default="yes",
+                   help="the document and window rows: with the plain ones, not at all, or alone")
     args = p.parse_args(argv)
 
     device, dtype = common.device_and_dtype(args)
@@ -194,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"{name}: no kernel here for D in {sorted(set(head_dims) - set(dims))}")
 
     rows = []
-    for head_dim in head_dims:
+    for head_dim in head_dims if args.masks != "only" else []:
         for causal in causals:
             for batch, seq_len in attention_shapes(seq_lens, tokens):
                 print(f"D={head_dim} causal={causal} B={batch} T={seq_len}", file=sys.stderr, flush=True)
@@ -202,7 +327,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows += bench_shape(runnable, batch, seq_len, WIDTH // head_dim, head_dim, causal, args.mode, device,
                                     dtype, REP_MS[size])
                 common.free_memory()
-    match = ("mode", "causal", "B", "T", "H", "D")
+    if args.masks != "no":
+        names = [name for name in args.impl if name in MASKED_IMPLS]
+        rows += bench_masked(names, *MASKED_SHAPES[size], WIDTH // 64, 64, args.mode, device, dtype, REP_MS[size])
+    match = ("mode", "mask", "causal", "B", "T", "H", "D")
     common.add_ratio(rows, "vs_sdpa", "ms", "sdpa", match)
     common.add_ratio(rows, "vs_eager", "ms", "eager", match)
     common.add_ratio(rows, "mem_vs_eager", "peak_MiB", "eager", match, speedup=False)
@@ -222,8 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         ("Before timing, each output (fwd) or q/k/v gradient (bwd, fwd+bwd) is checked against float32 SDPA: error = "
          f"max |difference| / max |reference| (in the json), flagged MISMATCH above {common.TOLERANCE[dtype]:g}."),
     ]
-    # the plot leaves out the extra batch-1 case, which would be a second point at its T
-    sweep = [r for r in rows if r["B"] == max(1, tokens // r["T"])]
+    notes.append("Masked rows: TFLOPS counts the visible scores only (the work a kernel that skips the rest does); "
+                 "tiles_pct: the share of the causal 128x64 tiles left non-empty; vs_sdpa: against SDPA with the "
+                 "mask spelled out (no fast backend takes one).")
+    # the plot leaves out the extra batch-1 case, which would be a second point at its T, and the masked rows
+    sweep = [r for r in rows if r["B"] == max(1, tokens // r["T"]) and r["mask"] == "-"]
     draw = functools.partial(common.line_chart, rows=sweep, x="T", y="TFLOPS", series="impl",
                              panels=("mode", "causal", "D"), title=f"attention, {dtype}: TFLOPS vs T")
     common.report("attn", "Attention: eager vs SDPA (default, flash, cuDNN) vs FlexAttention vs Triton", rows, COLUMNS,

@@ -53,11 +53,13 @@ def recipes(ablation: bool, quick: bool) -> dict[str, dict]:
     return {name: script_config(TRAIN, [*arguments, *extra]) for name, arguments in chosen.items()}
 
 
-def run_recipe(config: dict, budget_s: float, device: str, dtype: str, data_dir: Path) -> list[dict]:
-    """Train one recipe for `budget_s` seconds; the evals: [{step, seconds, tokens, val_loss}], seconds
-    excluding eval time. The schedule is fitted to the budget: after CALIBRATION_STEPS steps at the
-    warmup's learning rates, max_iters (and lr_decay_iters) become the steps the budget holds at that
-    pace, so every recipe decays its learning rate fully within the same wall-clock time."""
+def run_recipe(config: dict, budget_s: float | None, device: str, dtype: str, data_dir: Path,
+               steps: int | None = None) -> list[dict]:
+    """Train one recipe for `budget_s` seconds (or a fixed number of `steps`); the evals: [{step, seconds,
+    tokens, val_loss}], seconds excluding eval time. The schedule is fitted to the budget: after
+    CALIBRATION_STEPS steps at the warmup's learning rates, max_iters (and lr_decay_iters) become the steps
+    the budget holds at that pace, so every recipe decays its learning rate fully within the same
+    wall-clock time."""
     torch.manual_seed(config["seed"])
     splits = {s: TokenSplit(data_dir, s) for s in ("train", "val")}
     vocab = 65 if data_dir.name == "shakespeare_char" else 50304
@@ -71,10 +73,10 @@ def run_recipe(config: dict, budget_s: float, device: str, dtype: str, data_dir:
     ctx = autocast(device, dtype)
     batches = Batches(splits, config["batch_size"], config["block_size"], torch.device(device), config["seed"])
     tokens_per_step = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
-    evals, seconds, step, max_iters = [], 0.0, 0, None
+    evals, seconds, step, max_iters = [], 0.0, 0, steps
     schedule = {k: config[k] for k in ("learning_rate", "warmup_iters", "min_lr", "decay_lr")}
     while True:
-        if step == CALIBRATION_STEPS:
+        if step == CALIBRATION_STEPS and steps is None:
             max_iters = max(step + 1, int(budget_s / (seconds / step)))
         finished = max_iters is not None and step >= max_iters
         if step % config["eval_interval"] == 0 or finished:

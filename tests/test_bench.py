@@ -2,12 +2,14 @@
 the test marked gpu also runs the Triton rows)."""
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,8 +21,9 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 ENV_KEYS = {"gpu", "torch", "triton", "cuda", "cpu", "cpu_cores", "date", "command", "git_commit"}
 # script -> (table columns, rows of a --quick run on CPU)
 SCRIPTS = {
-    "attn": (["impl", "mode", "causal", "B", "T", "H", "D", "ms", "TFLOPS", "peak_MiB", "vs_sdpa", "vs_eager",
-              "mem_vs_eager", "note"], 3 * 3 * 2 * 3),  # eager, sdpa, sdpa_flash x modes x causal x 3 shapes
+    "attn": (["impl", "mode", "mask", "causal", "B", "T", "H", "D", "ms", "TFLOPS", "tiles_pct", "peak_MiB",
+              "vs_sdpa", "vs_eager", "mem_vs_eager", "note"],
+             3 * 3 * 2 * 3 + 2 * 3 * 4),  # eager, sdpa, sdpa_flash x modes x causal x 3 shapes; masked: 2 x 3 x 4
     "layernorm": (["impl", "mode", "M", "N", "ms", "GB_s", "pct_copy", "vs_torch", "vs_compile", "note"], 1 * 3 * 2),
     "train": (["model", "impl", "compile", "B", "T", "ms", "tok_s", "MFU_pct", "peak_MiB", "vs_sdpa", "vs_eager",
                "note"], 2),
@@ -118,7 +121,7 @@ def test_an_oom_while_timing_is_a_table_entry():
     assert [(r["impl"], r["note"]) for r in rows] == [("eager", None), ("big", "OOM")]
     assert rows[1]["ms"] is None and rows[1]["TFLOPS"] is None and len(calls) == 2
     table = common.markdown_table(rows, attn.COLUMNS)
-    assert table.splitlines()[-1].startswith("| big | fwd | yes | 1 | 16 | 2 | 16 | - | - |")
+    assert table.splitlines()[-1].startswith("| big | fwd | - | yes | 1 | 16 | 2 | 16 | - | - |")
     assert table.endswith("| OOM |")
     assert common.exit_status(rows) == 0
 
@@ -289,3 +292,29 @@ def test_a_part_past_its_limit_is_stopped_with_all_its_processes(tmp_path):
     time.sleep(0.5)
     # gone, or a zombie (state Z) waiting for an init that reaps nothing: not running either way
     assert not grandchild.exists() or grandchild.read_text().split()[2] == "Z"
+
+
+def test_the_masked_attention_rows_count_what_the_mask_leaves():
+    """tiles_pct and the visible share, against counting by hand: two documents of 8 in a row of 16 (4x4 tiles)."""
+    from model import AttentionMask
+
+    starts = torch.tensor([[0] * 8 + [8] * 8])
+    ends = torch.tensor([[8] * 8 + [16] * 8])
+    mask = AttentionMask(starts, ends, 0)
+    assert attn.visible_share(mask, 16) == (2 * 36) / 136  # two triangles of 8 against one of 16
+    assert attn.visible_share(mask, 16, (4, 4)) == 6 / 10  # 3 + 3 of the causal 10 tiles
+    assert attn.visible_share(AttentionMask(None, None, 4), 16, (4, 4)) == 7 / 10  # the diagonal and below it
+    packed = attn.packed_documents(2, 64, None, 10, seed=0)
+    assert packed.starts.shape == (2, 64) and (packed.starts <= torch.arange(64)).all()
+    assert (packed.starts[:, 0] == 0).all() and (packed.ends > torch.arange(64)).all()
+
+
+def test_documents_bench_trains_every_variant_on_the_standard_library(tmp_path):
+    out = run_script("documents", tmp_path, "--data_dir", str(tmp_path / "stdlib"))
+    rows = table_rows(out.stdout, ["variant", "steps", "seconds", "val_loss", "vs_causal_seconds"])
+    assert [r.split(" | ")[0].strip("| ") for r in rows] == ["causal", "documents", "documents + positions",
+                                                            "documents + window 16"]
+    record = json.loads((tmp_path / "documents.json").read_text())
+    assert all(row["steps"] == 10 and math.isfinite(row["val_loss"]) for row in record["rows"])
+    tokens = np.fromfile(tmp_path / "stdlib" / "train.bin", dtype=np.uint16)
+    assert (tokens == 50256).sum() >= 5  # one document per module, each starting with <|endoftext|>
