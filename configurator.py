@@ -108,7 +108,7 @@ CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "parallel": ("ddp", "fsdp"),
     "optimizer": ("adamw", "muon"),
-    "attn_impl": ("auto", "eager", "sdpa", "triton"),
+    "attn_impl": ("auto", "eager", "sdpa", "triton", "flex"),
     "ln_impl": ("auto", "torch", "triton"),
     "ce_impl": ("auto", "torch", "triton"),
     "pipeline_schedule": ("1f1b", "gpipe", "interleaved_1f1b"),

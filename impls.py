@@ -1,14 +1,17 @@
 """The implementations the model can run, picked at run time and never stored in a checkpoint: attention
 `eager` (explicit masked softmax: what people write by hand), `sdpa` (F.scaled_dot_product_attention) or
-`triton` (our flash attention kernel); layer norm `torch` or `triton` (our fused kernel); the training loss
+`triton` (our flash attention kernel) or `flex` (PyTorch's FlexAttention, compiled on CUDA, for documents
+and windows); layer norm `torch` or `triton` (our fused kernel); the training loss
 `torch` (F.cross_entropy of the logits) or `triton` (the fused linear cross-entropy). `auto` takes
 PyTorch's off CUDA and, on CUDA, the Triton kernels where they support the shape and dtype; select_impl.py
 then times both on the run's shapes.
 """
+import functools
+
 import torch
 from torch.nn.attention import SDPBackend
 
-ATTN_IMPLS = ("auto", "eager", "sdpa", "triton")
+ATTN_IMPLS = ("auto", "eager", "sdpa", "triton", "flex")
 LN_IMPLS = ("auto", "torch", "triton")
 CE_IMPLS = ("auto", "torch", "triton")
 
@@ -39,6 +42,9 @@ def resolve_attn_impl(attn_impl: str, head_dim: int, dtype: torch.dtype, device:
         return "triton" if supported else "sdpa"
     if attn_impl == "triton" and not kernels_module().can_run_on(device):
         raise kernels_module().cuda_required_error("attn_impl", device.type, "sdpa")
+    if attn_impl == "flex" and device.type != "cuda":
+        raise ValueError(f"attn_impl='flex' (FlexAttention) trains on CUDA only: PyTorch has no backward for it on "
+                         f"{device.type}; use attn_impl='sdpa' there")
     return attn_impl
 
 
@@ -70,6 +76,34 @@ def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
         return SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, causal)).name.lower()
     except (AttributeError, RuntimeError, TypeError, ValueError):
         return "unknown"
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor | None,
+                   window: int) -> torch.Tensor:
+    """Causal attention over (B, H, T, D) through FlexAttention with a block mask: a query sees the keys of
+    its document (from starts[b, t], (B, T), when given) and, with a window, its last `window` keys. Compiled
+    on CUDA (its fused kernel skips the empty blocks), eager elsewhere (forward only)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as eager_flex
+
+    def visible(b, h, q_idx, kv_idx):
+        seen = kv_idx <= q_idx
+        if starts is not None:
+            seen = seen & (kv_idx >= starts[b, q_idx])
+        if window:
+            seen = seen & (q_idx - kv_idx < window)
+        return seen
+
+    T = q.size(-2)
+    block_mask = create_block_mask(visible, q.size(0) if starts is not None else None, None, T, T, device=q.device)
+    return (_compiled_flex() if q.is_cuda else eager_flex)(q, k, v, block_mask=block_mask)
 
 
 def compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:

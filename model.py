@@ -19,8 +19,8 @@ from torch.nn import functional as F
 if TYPE_CHECKING:
     from generate import KVCache, LayerCache  # noqa: F401 (annotations only)
 
-from impls import (ATTN_IMPLS, CE_IMPLS, LN_IMPLS, check_impl, compute_dtype, kernels_module, resolve_attn_impl,
-                   resolve_ce_impl, resolve_ln_impl)
+from impls import (ATTN_IMPLS, CE_IMPLS, LN_IMPLS, check_impl, compute_dtype, flex_attention, kernels_module,
+                   resolve_attn_impl, resolve_ce_impl, resolve_ln_impl)
 
 
 @dataclass
@@ -131,11 +131,16 @@ def causal_mask(t_query: int, t_key: int, device: torch.device) -> torch.Tensor:
 
 
 def attention(q, k, v, impl: str, dropout_p: float, mask: "AttentionMask | torch.Tensor | None" = None) -> torch.Tensor:
-    """Causal attention over (B, H, T, D) tensors with a resolved impl ('eager', 'sdpa' or 'triton'). Keys
+    """Causal attention over (B, H, T, D) tensors with a resolved impl ('eager', 'sdpa', 'triton' or 'flex'). Keys
     may be longer than queries (a KV cache): then the queries are the last positions. mask: documents and
     a window over whole rows (an AttentionMask), or which keys each query sees, explicitly (a (B, 1, Tq, Tk)
     bool tensor: a KV cache's under documents or a window)."""
     t_query, t_key = q.size(-2), k.size(-2)
+    if impl == "flex" and t_query == t_key and not isinstance(mask, torch.Tensor):
+        if dropout_p:
+            raise ValueError("attn_impl='flex' has no dropout of the attention probabilities: set dropout=0.0, or use "
+                             "attn_impl='triton' or 'sdpa'")
+        return flex_attention(q, k, v, *((mask.starts, mask.window) if mask is not None else (None, 0)))
     if isinstance(mask, AttentionMask):
         if impl == "triton":
             documents = (mask.starts, mask.ends) if mask.starts is not None else None

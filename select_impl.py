@@ -132,19 +132,23 @@ def _choose_attention(model: GPT, batch_size: int, device: torch.device, dtype: 
     grad = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=gen).transpose(1, 2)
 
     mask = _run_mask(model, B, T, device)
+    # PyTorch's best for the run: SDPA (its choice of backend: cuDNN on an H100/H200 with torch 2.11), or
+    # FlexAttention on CUDA for documents and windows, which SDPA's fast backends cannot take
+    fallback = "flex" if mask is not None and device.type == "cuda" else "sdpa"
 
-    def sdpa(q, k, v):  # no dropout in either: outputs with dropout could not be compared
-        return attention(q, k, v, "sdpa", 0.0, _rows(mask, q.size(0)))
+    def pytorch(q, k, v):  # no dropout in either: outputs with dropout could not be compared
+        return attention(q, k, v, fallback, 0.0, _rows(mask, q.size(0)))
 
     def triton(q, k, v):
         return attention(q, k, v, "triton", 0.0, _rows(mask, q.size(0)))
 
     # the check's slice keeps the full tensors' strides
     check = tuple(t.detach()[:1, :CHECK_HEADS].requires_grad_() for t in (q, k, v))
-    # sdpa is what a user gets: PyTorch's choice of backend (cuDNN on an H100/H200 with torch 2.11), named
-    backend = sdpa_backend(q, k, v, True) if mask is None else "for an explicit mask (documents, window)"
-    shapes = f"B={B} H={H} T={T} D={D} {_name(dtype)}, sdpa's backend {backend}"
-    return _choose("attn_impl", "sdpa", sdpa, triton, inputs=(q, k, v), grad=grad,
+    if mask is None:
+        shapes = f"B={B} H={H} T={T} D={D} {_name(dtype)}, sdpa's backend {sdpa_backend(q, k, v, True)}"
+    else:
+        shapes = f"B={B} H={H} T={T} D={D} {_name(dtype)}, documents of T/4 and window {mask.window or 'none'}"
+    return _choose("attn_impl", fallback, pytorch, triton, inputs=(q, k, v), grad=grad,
                    check_inputs=check, check_grad=grad[:1, :CHECK_HEADS], names=("output", "dq", "dk", "dv"),
                    eps=_attention_eps(dtype, device), shapes=shapes, timer=timer, log=log)
 

@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -361,3 +362,40 @@ def test_a_checkpoint_records_the_switches_and_rebuilds_them():
     assert args["doc_token"] == EOT and args["attn_window"] == 16 and "doc_positions" not in args
     assert GPTConfig.from_dict(args) == model.config
     assert set(ckpt.model_args_of(GPT(MODEL))) == set(ckpt.MODEL_ARG_KEYS)  # nanoGPT's model_args, unchanged
+
+
+@pytest.mark.parametrize("switches", [dict(), dict(doc_token=EOT), dict(attn_window=5), dict(doc_token=EOT, attn_window=9)])
+def test_flex_attention_takes_the_same_mask(switches):
+    """attn_impl='flex': FlexAttention with a block mask of the documents and window (forward here: PyTorch has
+    its backward on CUDA only) gives SDPA's output."""
+    from model import attention
+
+    x = tokens_with_documents(2, 40, seed=4)
+    model = GPT(GPTConfig(**{**vars(MODEL), **switches}), "sdpa", "torch")
+    mask, _ = model.layout(x)
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention warns that it is unfused
+        torch.testing.assert_close(attention(q, k, v, "flex", 0.0, mask), attention(q, k, v, "sdpa", 0.0, mask),
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="has no dropout"):
+        attention(q, k, v, "flex", 0.1, mask)
+
+
+def test_flex_is_refused_where_it_cannot_train():
+    model = GPT(GPTConfig(**{**vars(MODEL), "doc_token": EOT}), "flex", "torch")
+    with pytest.raises(ValueError, match=r"attn_impl='flex' \(FlexAttention\) trains on CUDA only"):
+        model(torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_auto_measures_the_kernel_with_the_runs_mask():
+    """choose_impls on a masked model: both candidates run under documents and the window (checked against
+    each other), and the log says so."""
+    from select_impl import choose_impls
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**vars(MODEL), "doc_token": EOT, "attn_window": 12}), "auto", "torch").to(DEVICE)
+    lines = []
+    attn, _ = choose_impls(model, 2, DEVICE, torch.float32, measure=True, log=lines.append,
+                           timer=lambda name, fn: (fn(), {"attn_impl=triton": 1.0}.get(name, 2.0))[1])
+    assert attn == "triton" and "documents of T/4 and window 12" in lines[0] and "disagrees" not in lines[0]
