@@ -17,9 +17,9 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
-    from generate import KVCache, LayerCache  # noqa: F401 (annotations only)
+    from tritongpt.generate import KVCache, LayerCache  # noqa: F401 (annotations only)
 
-from impls import (ATTN_IMPLS, CE_IMPLS, LN_IMPLS, check_impl, compute_dtype, flex_attention, kernels_module,
+from tritongpt.impls import (ATTN_IMPLS, CE_IMPLS, LN_IMPLS, check_impl, compute_dtype, flex_attention, kernels_module,
                    resolve_attn_impl, resolve_ce_impl, resolve_ln_impl)
 
 
@@ -453,7 +453,7 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type) -> torch.optim.Optimizer:
         """nanoGPT's AdamW, with weight decay on the matrices (2D+) only, not on biases and norm gains.
         (optim.py builds it, and the Muon alternative.)"""
-        from optim import build_optimizer  # optim.py builds on this module
+        from tritongpt.optim import build_optimizer  # optim.py builds on this module
 
         return build_optimizer(self, "adamw", learning_rate, weight_decay, betas, device_type)
 
@@ -473,7 +473,7 @@ class GPT(nn.Module):
                         top_k: int | None = None, **kwargs) -> Iterator[torch.Tensor]:
         """Yield max_new_tokens next tokens (B, 1), one at a time, continuing idx (B, T); top_p, use_cache,
         generator, refill and roll as generate.generate_stream, which does the work."""
-        from generate import generate_stream  # generate.py builds on this module
+        from tritongpt.generate import generate_stream  # generate.py builds on this module
 
         return generate_stream(self, idx, max_new_tokens, temperature, top_k, **kwargs)
 
@@ -489,14 +489,14 @@ class GPT(nn.Module):
     ) -> "GPT":
         """GPT-2 in Hugging Face's format: one of hf.GPT2_NAMES (downloaded from the hub once, then cached)
         or a local directory. override_args may set dropout only, as in nanoGPT. (hf.py does the work.)"""
-        from hf import load_hf_gpt2  # hf.py builds on this module
+        from tritongpt.hf import load_hf_gpt2  # hf.py builds on this module
 
         return load_hf_gpt2(name_or_dir, override_args or {}, attn_impl, ln_impl)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json and model.safetensors that transformers' GPT2LMHeadModel.from_pretrained loads
         with the same logits (and from_pretrained here too)."""
-        from hf import save_hf_gpt2
+        from tritongpt.hf import save_hf_gpt2
 
         save_hf_gpt2(self, Path(directory))
 

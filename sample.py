@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-import checkpoint as ckpt
-from configurator import autocast, configure, error_boundary, resolve_compile, resolve_device, resolve_dtype
-from data import load_meta
-from fileio import DownloadError
-from generate import check_sampling
+from tritongpt import checkpoint as ckpt
+from tritongpt.configurator import autocast, configure, error_boundary, resolve_compile, resolve_device, resolve_dtype
+from tritongpt.data import load_meta
+from tritongpt.fileio import DownloadError
+from tritongpt.generate import check_sampling
 from model import GPT
 from prepare.common import PrepareError, gpt2_encoding
 

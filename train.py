@@ -40,17 +40,17 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import checkpoint as ckpt
-import metrics
-import parallelism
-import pipeline
-import training
-from configurator import autocast, configure, error_boundary, resolve_compile, resolve_device, resolve_dtype
-from data import TokenSplit, load_meta
-from fileio import DownloadError, remove_stale_temp_files, writable_directory
+from tritongpt import checkpoint as ckpt
+from tritongpt import metrics
+from tritongpt import parallelism
+from tritongpt import pipeline
+from tritongpt import training
+from tritongpt.configurator import autocast, configure, error_boundary, resolve_compile, resolve_device, resolve_dtype
+from tritongpt.data import TokenSplit, load_meta
+from tritongpt.fileio import DownloadError, remove_stale_temp_files, writable_directory
 from model import GPT, SWITCHES, GPTConfig
-from optim import build_optimizer, set_lr
-from select_impl import choose_impls
+from tritongpt.optim import build_optimizer, set_lr
+from tritongpt.select_impl import choose_impls
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on OpenWebText, as in nanoGPT

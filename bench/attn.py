@@ -39,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import model  # noqa: E402
-from impls import sdpa_backend  # noqa: E402
+from tritongpt.impls import sdpa_backend  # noqa: E402
 from model import AttentionMask, document_bounds  # noqa: E402
 from bench import common  # noqa: E402
 

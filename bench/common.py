@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from configurator import resolve_device, resolve_dtype
+from tritongpt.configurator import resolve_device, resolve_dtype
 
 REPO = Path(__file__).resolve().parent.parent
 

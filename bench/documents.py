@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common, recipe  # noqa: E402
-from configurator import script_config  # noqa: E402
+from tritongpt.configurator import script_config  # noqa: E402
 
 GPT2_EOT = 50256
 MODEL = ["--n_layer=2", "--n_head=4", "--n_embd=128", "--block_size=256", "--batch_size=4", "--dropout=0.0",

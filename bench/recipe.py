@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from configurator import autocast, script_config  # noqa: E402
-from data import TokenSplit  # noqa: E402
+from tritongpt.configurator import autocast, script_config  # noqa: E402
+from tritongpt.data import TokenSplit  # noqa: E402
 from model import GPT, SWITCHES, GPTConfig  # noqa: E402
-from optim import build_optimizer, set_lr  # noqa: E402
-from training import Batches, estimate_loss, get_lr, train_step  # noqa: E402
+from tritongpt.optim import build_optimizer, set_lr  # noqa: E402
+from tritongpt.training import Batches, estimate_loss, get_lr, train_step  # noqa: E402
 
 TRAIN = common.REPO / "train.py"
 BASE_CONFIG = common.REPO / "config" / "shakespeare_cpu_gpt2.py"

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from configurator import autocast  # noqa: E402
+from tritongpt.configurator import autocast  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 PROMPT_LEN = 1

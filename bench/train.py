@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from configurator import autocast, script_config  # noqa: E402
-from metrics import gpu_peak_flops  # noqa: E402
+from tritongpt.configurator import autocast, script_config  # noqa: E402
+from tritongpt.metrics import gpu_peak_flops  # noqa: E402
 from model import GPT, SWITCHES, GPTConfig  # noqa: E402
-from optim import build_optimizer  # noqa: E402
-from training import train_step  # noqa: E402
+from tritongpt.optim import build_optimizer  # noqa: E402
+from tritongpt.training import train_step  # noqa: E402
 
 # impl -> (attn_impl, ln_impl, ce_impl) of the model
 IMPLS = {"eager": ("eager", "torch", "torch"), "sdpa": ("sdpa", "torch", "torch"),

@@ -11,9 +11,9 @@ import numpy as np
 import requests
 import tiktoken
 
-import data
-from configurator import UserError
-from fileio import DownloadError, atomic_open, check_existing, download, file_problem
+from tritongpt import data
+from tritongpt.configurator import UserError
+from tritongpt.fileio import DownloadError, atomic_open, check_existing, download, file_problem
 
 MIRROR_ENV = "TRITONGPT_MIRROR"
 EOT = 50256  # GPT-2's <|endoftext|>

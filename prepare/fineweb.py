@@ -47,9 +47,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import data  # noqa: E402
-import hub  # noqa: E402
-from fileio import atomic_open, download  # noqa: E402
+from tritongpt import data  # noqa: E402
+from tritongpt import hub  # noqa: E402
+from tritongpt.fileio import atomic_open, download  # noqa: E402
 from prepare import common  # noqa: E402
 
 try:

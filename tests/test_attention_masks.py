@@ -250,7 +250,7 @@ def test_only_the_tiles_the_mask_leaves_non_empty_are_loaded(lengths, window):
 # -----------------------------------------------------------------------------
 # The model: documents from the tokens, every implementation alike, positions, the KV cache
 
-from generate import KVCache  # noqa: E402
+from tritongpt.generate import KVCache  # noqa: E402
 from model import GPT, GPTConfig, document_bounds  # noqa: E402
 
 EOT = 3  # the document token of these tiny vocabularies
@@ -346,8 +346,8 @@ def test_generation_continues_within_the_last_document():
 
 
 def test_pipeline_parallelism_refuses_documents_and_windows():
-    from parallelism import LayoutError, plan_layout
-    from pipeline import check_pipeline
+    from tritongpt.parallelism import LayoutError, plan_layout
+    from tritongpt.pipeline import check_pipeline
 
     layout = plan_layout(2, 0, 1, 2)
     with pytest.raises(LayoutError, match="doc_token and attn_window mask attention by the tokens"):
@@ -355,7 +355,7 @@ def test_pipeline_parallelism_refuses_documents_and_windows():
 
 
 def test_a_checkpoint_records_the_switches_and_rebuilds_them():
-    import checkpoint as ckpt
+    from tritongpt import checkpoint as ckpt
 
     model = GPT(GPTConfig(**{**vars(MODEL), "doc_token": EOT, "attn_window": 16}), "sdpa", "torch")
     args = ckpt.model_args_of(model)
@@ -391,7 +391,7 @@ def test_flex_is_refused_where_it_cannot_train():
 def test_auto_measures_the_kernel_with_the_runs_mask():
     """choose_impls on a masked model: both candidates run under documents and the window (checked against
     each other), and the log says so."""
-    from select_impl import choose_impls
+    from tritongpt.select_impl import choose_impls
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**vars(MODEL), "doc_token": EOT, "attn_window": 12}), "auto", "torch").to(DEVICE)

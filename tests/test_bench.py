@@ -208,7 +208,7 @@ def test_script_runs_the_triton_rows_on_gpu(name, args, tmp_path):
 def test_train_bench_times_train_py_step_with_train_py_settings(monkeypatch):
     """No copy of the step or of the settings: the bench calls training.train_step with what train.py (and,
     for shakespeare_char, its config file) sets, read from train.py itself."""
-    import training
+    from tritongpt import training
 
     steps = []
     monkeypatch.setattr(train_bench, "train_step", lambda *args: steps.append(args) or training.train_step(*args))

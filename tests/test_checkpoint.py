@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint as ckpt
+from tritongpt import checkpoint as ckpt
 from conftest import REPO
 from model import GPT, GPTConfig
 
@@ -144,7 +144,7 @@ def test_find_prefers_the_newer_of_best_and_latest(tmp_path):
 def test_sharded_checkpoints_load_in_either_optimizer_form(tmp_path, flat):
     """Sharded checkpoints key the optimizer's param groups by parameter name (flat); those written before
     pipeline parallelism keyed them by group number (nested). Both load into a plain model and AdamW."""
-    from optim import build_optimizer
+    from tritongpt.optim import build_optimizer
 
     def make_optimizer(model):
         return build_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.95), "cpu")

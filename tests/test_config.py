@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from configurator import ConfigError, config_keys, parse_args, resolve_device, script_defaults
+from tritongpt.configurator import ConfigError, config_keys, parse_args, resolve_device, script_defaults
 
 DEFAULTS = {"batch_size": 12, "learning_rate": 6e-4, "compile": "auto", "data_dir": None, "dataset": "owt", "bias": False}
 ANNOTATIONS = {"compile": bool | str, "data_dir": str | None}
@@ -158,7 +158,7 @@ def test_a_device_index_past_the_gpus_says_how_many_there_are(monkeypatch):
 def test_errors_end_the_program_in_one_line_unless_debugging(tmp_path):
     """error_boundary: ours print their message; others their type too, with how to see the traceback."""
     script = tmp_path / "fails.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom configurator import ConfigError, "
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom tritongpt.configurator import ConfigError, "
                       "error_boundary\nerror_boundary()\nraise (ConfigError('x must be 1') if sys.argv[1] == 'ours' "
                       "else KeyError('k'))\n")
     env = {key: value for key, value in os.environ.items() if key != "TRITONGPT_DEBUG"}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import data
+from tritongpt import data
 
 
 def shard_bytes(tokens, magic=data.SHARD_MAGIC, version=data.SHARD_VERSION, count=None) -> bytes:

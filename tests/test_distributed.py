@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from checkpoint import build_model, find, load_file, read_checkpoint
+from tritongpt.checkpoint import build_model, find, load_file, read_checkpoint
 from test_sample import run_sample
 from test_train import TINY, fault_env, metrics, run_train
 

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-import checkpoint as ckpt
-import fileio
-from configurator import UserError
+from tritongpt import checkpoint as ckpt
+from tritongpt import fileio
+from tritongpt.configurator import UserError
 from model import GPT, GPTConfig
 
 

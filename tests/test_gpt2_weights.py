@@ -21,9 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import fileio
-from fileio import DownloadError
-from hf import GPT2_NAMES
+from tritongpt import fileio
+from tritongpt.fileio import DownloadError
+from tritongpt.hf import GPT2_NAMES
 from model import GPT, GPTConfig, gelu_approximate, set_gelu_approximate
 
 if importlib.util.find_spec("transformers") is None:
@@ -170,7 +170,7 @@ def test_hub_layout_and_pytorch_bin(hf_models, tmp_path):
 
 def test_a_pytorch_bin_that_would_run_code_is_refused(hf_models, tmp_path):
     """Weights downloaded from someone else: pytorch_model.bin is read with weights_only=True."""
-    from checkpoint import CheckpointError
+    from tritongpt.checkpoint import CheckpointError
     from test_checkpoint import CreatesAFile
 
     shutil.copy(hf_models["seed0"].directory / "config.json", tmp_path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from checkpoint import Checkpoint, CheckpointError, build_model, clean_state_dict, load_weights_into
+from tritongpt.checkpoint import Checkpoint, CheckpointError, build_model, clean_state_dict, load_weights_into
 from model import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=32, vocab_size=71, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
@@ -115,7 +115,7 @@ def test_mfu_is_none_without_a_known_peak():
 def test_mfu_is_per_gpu_under_data_parallelism():
     """train.py's call: a process's own micro-batches over one GPU's peak. With 8 processes sharing a global
     batch of 8 x 5 micro-batches, each runs 5; counting all 40 against one GPU's peak would be 8x too high."""
-    from metrics import mfu_per_gpu
+    from tritongpt.metrics import mfu_per_gpu
 
     model = tiny_model()
     flops_per_sequence = model.flops_per_token() * TINY.block_size
@@ -186,7 +186,7 @@ def test_checkpoint_keeps_gpt2_tanh_gelu():
 def test_kv_cache_refill_conditions_on_the_kept_window(monkeypatch):
     """With refill=N, once the window is full the cache restarts from the last N tokens and grows again:
     each step's logits are a no-cache forward over exactly that window."""
-    import generate
+    from tritongpt import generate
 
     seen_logits = []
     real_sampler = generate.sample_next_token

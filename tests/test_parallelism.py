@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-import parallelism
+from tritongpt import parallelism
 from model import GPT, GPTConfig
 
 

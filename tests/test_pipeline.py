@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-import pipeline
+from tritongpt import pipeline
 from model import GPT, GPTConfig
-from parallelism import Layout, LayoutError
+from tritongpt.parallelism import Layout, LayoutError
 
 
 @pytest.mark.parametrize("n_layer, n_stages, sizes", [(12, 4, [3, 3, 3, 3]), (5, 2, [2, 3]), (7, 3, [2, 3, 2]),

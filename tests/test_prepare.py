@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import requests
 
-import data
-import fileio
+from tritongpt import data
+from tritongpt import fileio
 from prepare import common
 
 REPO = Path(__file__).resolve().parent.parent
@@ -426,7 +426,7 @@ def test_fineweb_end_to_end(fineweb_hub, tmp_path):
     assert f"{count - 1} train shard(s), {len(stream):,} tokens" in result.stdout
 
     # Loadable for training.
-    import data
+    from tritongpt import data
     assert data.TokenSplit(data_dir, "train", vocab_size=50257).num_tokens == len(stream) - shard_size
 
     # A re-run keeps everything: no shard rewritten, no parquet file downloaded again.
@@ -527,7 +527,7 @@ def test_fineweb_errors(fineweb_hub, tmp_path):
     with pytest.raises(common.PrepareError, match="only 1 shard"):
         run_fineweb("--hub_url", server.url, "--shard_size", str(len(stream)), "--data_dir", str(tmp_path / "b"))
     # Shards made from other data are not continued.
-    import data
+    from tritongpt import data
     (tmp_path / "c").mkdir()
     data.write_shard(tmp_path / "c" / "fineweb_val_000000.bin", np.full(1000, 7))
     with pytest.raises(common.PrepareError, match="do not match the documents"):

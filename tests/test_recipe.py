@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoint as ckpt
-import optim
+from tritongpt import checkpoint as ckpt
+from tritongpt import optim
 from conftest import KERNEL_DEVICE
-from generate import KVCache
+from tritongpt.generate import KVCache
 from model import GPT, SWITCHES, GPTConfig, rotary, rotary_tables
 
 TINY = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import KERNEL_DEVICE
-from generate import KVCache, check_sampling, filter_logits, sample_next_token
+from tritongpt.generate import KVCache, check_sampling, filter_logits, sample_next_token
 from model import GPT, GPTConfig
 
 

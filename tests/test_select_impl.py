@@ -11,9 +11,9 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from conftest import KERNEL_DEVICE, REPO
-from impls import sdpa_backend
+from tritongpt.impls import sdpa_backend
 from model import GPT, GPTConfig, kernels_module
-from select_impl import choose_impls, make_timer
+from tritongpt.select_impl import choose_impls, make_timer
 
 CONFIG = {"block_size": 32, "vocab_size": 65, "n_layer": 1, "n_head": 2, "n_embd": 32, "dropout": 0.0}
 BATCH = 2
@@ -302,7 +302,7 @@ def test_other_ranks_raise_when_rank_0_failed(monkeypatch):
 
 
 def test_importing_needs_neither_the_kernels_nor_triton():
-    code = "import sys, select_impl; assert not {'kernels', 'triton'} & set(sys.modules), sys.modules.keys()"
+    code = "import sys; from tritongpt import select_impl; assert not {'kernels', 'triton'} & set(sys.modules), sys.modules.keys()"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env={**os.environ, "TRITON_INTERPRET": "0"})
 
 

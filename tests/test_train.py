@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-import fileio
-from checkpoint import load_file
+from tritongpt import fileio
+from tritongpt.checkpoint import load_file
 from conftest import REPO
 from model import GPT, GPTConfig
 
@@ -143,7 +143,7 @@ def test_killed_checkpoint_write_leaves_old_checkpoint_loadable(tmp_path):
     path = tmp_path / "ckpt.pt"
     torch.save({"iter_num": 1, "w": torch.ones(3)}, path)
     code = (
-        "import os, signal, torch; from fileio import atomic_open\n"
+        "import os, signal, torch; from tritongpt.fileio import atomic_open\n"
         f"with atomic_open({str(path)!r}) as f:\n"
         "    f.write(b'half a checkpoint')\n"
         "    f.flush()\n"

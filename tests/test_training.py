@@ -8,8 +8,8 @@ import signal
 import pytest
 import torch
 
-import metrics
-import training
+from tritongpt import metrics
+from tritongpt import training
 from model import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
@@ -100,7 +100,7 @@ def test_estimate_loss_is_the_mean_over_the_same_batches():
 
 
 def test_batches_are_a_function_of_seed_step_and_index(tmp_path):
-    from data import TokenSplit, write_tokens
+    from tritongpt.data import TokenSplit, write_tokens
 
     write_tokens(tmp_path / "train.bin", torch.arange(1000) % 50)
     write_tokens(tmp_path / "val.bin", torch.arange(500) % 50)

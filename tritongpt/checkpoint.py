@@ -37,10 +37,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-import parallelism
-import pipeline
-from configurator import UserError
-from fileio import atomic_open
+from tritongpt import parallelism
+from tritongpt import pipeline
+from tritongpt.configurator import UserError
+from tritongpt.fileio import atomic_open
 from model import GPT, SWITCHES, GPTConfig, gelu_approximate, set_gelu_approximate
 
 CKPT_FILE = "ckpt.pt"

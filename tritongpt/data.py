@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fileio import atomic_open
+from tritongpt.fileio import atomic_open
 
 TOKEN_DTYPE = np.uint16
 MAX_TOKEN_ID = np.iinfo(TOKEN_DTYPE).max

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fileio import atomic_open
+from tritongpt.fileio import atomic_open
 
 # Dense bf16/fp16 tensor-core peaks in FLOP/s, by the name CUDA reports (first match wins, so the more
 # specific names come first). A GPU missing here gets no MFU rather than a wrong one.

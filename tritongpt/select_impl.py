@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from impls import kernels_module, sdpa_backend
+from tritongpt.impls import kernels_module, sdpa_backend
 from model import GPT, AttentionMask, LayerNorm, attention, document_bounds
 
 # timer(name, fn) -> milliseconds that fn takes; name is the candidate, e.g. "attn_impl=triton" or

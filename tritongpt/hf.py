@@ -22,9 +22,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from checkpoint import load_file
-import hub
-from fileio import DownloadError, atomic_open, download
+from tritongpt.checkpoint import load_file
+from tritongpt import hub
+from tritongpt.fileio import DownloadError, atomic_open, download
 from model import GPT, GPTConfig, LayerNorm, gelu_approximate, set_gelu_approximate
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M and 1558M parameters

@@ -22,7 +22,7 @@ from typing import BinaryIO
 import requests
 from tqdm import tqdm
 
-from configurator import UserError
+from tritongpt.configurator import UserError
 
 
 class DownloadError(UserError, RuntimeError):

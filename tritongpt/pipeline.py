@@ -27,8 +27,8 @@ from torch.distributed.pipelining import (
 from torch.distributed.tensor import DTensor
 
 from model import GPT, GPTConfig, cross_entropy
-from parallelism import Layout, LayoutError
-from training import Batch, apply_update
+from tritongpt.parallelism import Layout, LayoutError
+from tritongpt.training import Batch, apply_update
 
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}
 

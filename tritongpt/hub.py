@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from fileio import DownloadError, get
+from tritongpt.fileio import DownloadError, get
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 ENDPOINT_ENV = "TRITONGPT_HF_ENDPOINT"  # overrides HF_ENDPOINT for this project only

@@ -20,8 +20,8 @@ try:
 except ImportError:  # torch 2.5 has FSDP2 under its first name
     from torch.distributed._composable.fsdp import FSDPModule
 
-from data import TokenSplit
-from optim import parameter_kind
+from tritongpt.data import TokenSplit
+from tritongpt.optim import parameter_kind
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
