@@ -9,16 +9,15 @@ import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-if TYPE_CHECKING:
-    from tritongpt.generate import KVCache, LayerCache  # noqa: F401 (annotations only)
-
+from tritongpt import hf
+from tritongpt.generate import KVCache, LayerCache, generate_stream
+from tritongpt.optim import build_optimizer
 from tritongpt.impls import (ATTN_IMPLS, CE_IMPLS, LN_IMPLS, check_impl, compute_dtype, flex_attention, kernels_module,
                    resolve_attn_impl, resolve_ce_impl, resolve_ln_impl)
 
@@ -453,8 +452,6 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type) -> torch.optim.Optimizer:
         """nanoGPT's AdamW, with weight decay on the matrices (2D+) only, not on biases and norm gains.
         (optim.py builds it, and the Muon alternative.)"""
-        from tritongpt.optim import build_optimizer  # optim.py builds on this module
-
         return build_optimizer(self, "adamw", learning_rate, weight_decay, betas, device_type)
 
     def flops_per_token(self) -> float:
@@ -473,8 +470,6 @@ class GPT(nn.Module):
                         top_k: int | None = None, **kwargs) -> Iterator[torch.Tensor]:
         """Yield max_new_tokens next tokens (B, 1), one at a time, continuing idx (B, T); top_p, use_cache,
         generator, refill and roll as generate.generate_stream, which does the work."""
-        from tritongpt.generate import generate_stream  # generate.py builds on this module
-
         return generate_stream(self, idx, max_new_tokens, temperature, top_k, **kwargs)
 
     @torch.no_grad()
@@ -488,17 +483,25 @@ class GPT(nn.Module):
         cls, name_or_dir: str, override_args: dict | None = None, attn_impl: str = "auto", ln_impl: str = "auto"
     ) -> "GPT":
         """GPT-2 in Hugging Face's format: one of hf.GPT2_NAMES (downloaded from the hub once, then cached)
-        or a local directory. override_args may set dropout only, as in nanoGPT. (hf.py does the work.)"""
-        from tritongpt.hf import load_hf_gpt2  # hf.py builds on this module
-
-        return load_hf_gpt2(name_or_dir, override_args or {}, attn_impl, ln_impl)
+        or a local directory. override_args may set dropout only, as in nanoGPT."""
+        pretrained = hf.find_pretrained(name_or_dir, override_args or {})
+        config = GPTConfig(**pretrained.config)
+        shapes = list(hf.read_hf_shapes(pretrained.files))
+        hf.check_hf_layers(config.n_layer, shapes, pretrained.source)
+        with torch.device("meta"):  # the parameters' shapes, without their memory
+            expected = {name: tuple(p.shape) for name, p in cls(config, "sdpa", "torch").named_parameters()}
+        hf.check_hf_shapes(expected, shapes, pretrained.source)  # before the model takes any memory
+        model = cls(config, attn_impl, ln_impl)
+        hf.load_hf_tensors(dict(model.named_parameters()), hf.read_hf_tensors(pretrained.files))
+        set_gelu_approximate(model, pretrained.approximate)
+        return model
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json and model.safetensors that transformers' GPT2LMHeadModel.from_pretrained loads
-        with the same logits (and from_pretrained here too)."""
-        from tritongpt.hf import save_hf_gpt2
-
-        save_hf_gpt2(self, Path(directory))
+        with the same logits (and from_pretrained here too). A model GPT-2's format cannot hold is refused
+        before anything is written."""
+        config = hf.hf_config(self.config, self.config.switches_on(), gelu_approximate(self))
+        hf.save_hf_gpt2(config, hf.hf_state_dict(self.state_dict()), Path(directory))
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,10 @@ import torch
 
 from tritongpt import checkpoint as ckpt
 from tritongpt.configurator import autocast, configure, error_boundary, resolve_compile, resolve_device, resolve_dtype
-from tritongpt.data import load_meta
+from tritongpt.data import TokenizerError, gpt2_encoding, load_meta
 from tritongpt.fileio import DownloadError
 from tritongpt.generate import check_sampling
 from model import GPT
-from prepare.common import PrepareError, gpt2_encoding
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (the checkpoint in out_dir), a GPT-2 name ('gpt2', ..., 'gpt2-xl') or an HF model dir
@@ -67,7 +66,7 @@ def char_tokenizer(meta: dict) -> Tokenizer:
 def gpt2_tokenizer() -> Tokenizer:
     try:
         enc = gpt2_encoding()  # tiktoken's, with a clear error when its files cannot be had
-    except PrepareError as error:
+    except TokenizerError as error:
         raise SystemExit(f"error: {error}") from None
     return Tokenizer(lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}), enc.decode_bytes, enc.eot_token)
 

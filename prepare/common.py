@@ -1,19 +1,17 @@
-"""What the prepare scripts share: downloading, the offline mirror, tokenizers, CLI plumbing."""
+"""What the prepare scripts share: downloading, the offline mirror, char vocabularies, CLI plumbing (GPT-2's
+tokenizer is tritongpt.data.gpt2_encoding, which sample.py uses too)."""
 import argparse
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import requests
-import tiktoken
 
 from tritongpt import data
 from tritongpt.configurator import UserError
-from tritongpt.fileio import DownloadError, atomic_open, check_existing, download, file_problem
+from tritongpt.fileio import atomic_open, check_existing, download, file_problem
 
 MIRROR_ENV = "TRITONGPT_MIRROR"
 EOT = 50256  # GPT-2's <|endoftext|>
@@ -30,7 +28,7 @@ class PrepareError(UserError, RuntimeError):
 def run(main: Callable[[list[str] | None], None]) -> None:
     try:
         main(None)
-    except (PrepareError, DownloadError) as e:
+    except UserError as e:  # PrepareError, DownloadError, TokenizerError: messages that say the fix
         sys.exit(f"error: {e}")
 
 
@@ -78,30 +76,6 @@ def fetch_tinyshakespeare(data_dir: Path) -> str:
                  TINYSHAKESPEARE_SHA256, TINYSHAKESPEARE_SIZE)
     with open(path, encoding="utf-8") as f:
         return f.read()
-
-
-def tiktoken_cache_dir() -> str:
-    """Where tiktoken keeps its downloaded vocabulary files (its own rule, from tiktoken/load.py)."""
-    return (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-            or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
-
-
-def gpt2_encoding():
-    """tiktoken's GPT-2 BPE. tiktoken downloads its vocabulary files once and caches them."""
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except (requests.RequestException, OSError) as e:
-        raise PrepareError(
-            f"Could not load the GPT-2 tokenizer ({type(e).__name__}: {e}). tiktoken downloads its vocabulary "
-            "files from openaipublic.blob.core.windows.net on first use: check your internet connection, or "
-            "set TIKTOKEN_CACHE_DIR to a directory holding tiktoken's cached GPT-2 files"
-        ) from e
-    except ValueError as e:  # tiktoken's check of the files' sha256 failed: a corrupted or intercepted download
-        raise PrepareError(
-            f"The GPT-2 tokenizer files tiktoken got are corrupt ({e}). Delete tiktoken's cache directory "
-            f"{tiktoken_cache_dir()} and run this again (behind a proxy that rewrites downloads, fetch the files "
-            "elsewhere and set TIKTOKEN_CACHE_DIR to a directory holding them)"
-        ) from e
 
 
 def char_meta(text: str) -> dict:

@@ -134,7 +134,7 @@ _enc = None
 
 def _init_worker() -> None:
     global _enc
-    _enc = common.gpt2_encoding()
+    _enc = data.gpt2_encoding()
 
 
 def tokenize(text: str) -> np.ndarray:
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         remote_files = list_parquet_files(hub_url, repo, commit)
         print(f"{repo}/{FOLDER} at commit {commit}: {len(remote_files)} parquet files, "
               f"{sum(f.size for f in remote_files) / 1e9:.1f} GB")
-        common.gpt2_encoding()  # fail here, with a clear message, rather than in every worker
+        data.gpt2_encoding()  # fail here, with a clear message, rather than in every worker
         start_doc, written = resume_point(done)
         paths = (fetch_parquet(hub_url, repo, commit, f, data_dir / "parquet") for f in remote_files)
         with multiprocessing.Pool(args.workers, initializer=_init_worker) as pool:

@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prepare import common  # noqa: E402
+from tritongpt import data  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = common.data_dir_for(args.data_dir, "shakespeare")
 
     text = common.fetch_tinyshakespeare(data_dir)
-    enc = common.gpt2_encoding()
+    enc = data.gpt2_encoding()
     n_train = int(len(text) * 0.9)
     train_ids = enc.encode_ordinary(text[:n_train])
     val_ids = enc.encode_ordinary(text[n_train:])

@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prepare import common  # noqa: E402
+from tritongpt import data  # noqa: E402
 
 
 def input_files(patterns: list[str]) -> list[Path]:
@@ -56,7 +57,7 @@ def read_document(path: Path) -> str:
 
 
 def gpt2_ids(documents: list[str]) -> np.ndarray:
-    enc = common.gpt2_encoding()
+    enc = data.gpt2_encoding()
     encoded = enc.encode_ordinary_batch(documents)
     return np.concatenate([np.array([common.EOT] + ids, dtype=np.uint16) for ids in encoded])
 

@@ -209,13 +209,13 @@ def test_corrupt_tokenizer_download_names_the_cache_to_clear(tmp_path):
     proxy rewriting it): the scripts say which cache directory to delete, in one line."""
     code = ("import tiktoken.load\n"
             "tiktoken.load.read_file = lambda path: b'<html>captive portal</html>'\n"
-            "from prepare import common\n"
-            "common.gpt2_encoding()\n")
+            "from tritongpt import data\n"
+            "data.gpt2_encoding()\n")
     cache = tmp_path / "tiktoken_cache"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "TIKTOKEN_CACHE_DIR": str(cache)})
     assert result.returncode != 0
-    assert "PrepareError: The GPT-2 tokenizer files tiktoken got are corrupt" in result.stderr
+    assert "TokenizerError: The GPT-2 tokenizer files tiktoken got are corrupt" in result.stderr
     assert f"Delete tiktoken's cache directory {cache}" in result.stderr
 
 
@@ -319,7 +319,7 @@ def test_shakespeare_bpe_is_byte_identical_to_nanogpt(tmp_path):
     # nanoGPT's data/shakespeare/prepare.py: a 90/10 split on characters, then GPT-2 BPE of each part.
     text = SHAKESPEARE.read_text(encoding="utf-8")
     n = len(text)
-    enc = common.gpt2_encoding()
+    enc = data.gpt2_encoding()
     train = np.array(enc.encode_ordinary(text[:int(n * 0.9)]), dtype=np.uint16)
     val = np.array(enc.encode_ordinary(text[int(n * 0.9):]), dtype=np.uint16)
     assert (out / "train.bin").read_bytes() == train.tobytes()
@@ -357,7 +357,7 @@ def fineweb_hub(server, tmp_path):
     fineweb.py should make of them, derived here from the documents."""
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    enc = common.gpt2_encoding()
+    enc = data.gpt2_encoding()
     # The middle file has more rows than one read batch (1024), so resuming can land in a later batch. A null
     # row (None) is a document without text, as an empty one.
     documents = {"000_00000.parquet": fake_documents(0, 40, 300) + ["", None, "a literal <|endoftext|> in the text"],

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from prepare import common, text
+from tritongpt import data
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = {
@@ -57,7 +58,7 @@ def test_gpt2_corpus(corpus, monkeypatch):
     (corpus / "data" / "mine" / "meta.pkl").write_bytes(b"left from a char run")
     (corpus / "data" / "mine" / "meta.json").write_bytes(b"left from a char run")
     text.main(["--name", "mine", "--input", "in/c.txt", "in/*.txt", "--tokenizer", "gpt2", "--val_fraction", "0.25"])
-    enc = common.gpt2_encoding()
+    enc = data.gpt2_encoding()
     # c.txt named first comes first, and is not read twice; every document starts with EOT.
     order = ["c.txt", "a.txt", "b.txt"]
     stream = [t for name in order for t in [50256] + enc.encode_ordinary(DOCS[name].replace("\r\n", "\n"))]

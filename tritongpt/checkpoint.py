@@ -39,8 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from tritongpt import parallelism
 from tritongpt import pipeline
-from tritongpt.configurator import UserError
-from tritongpt.fileio import atomic_open
+from tritongpt.fileio import CheckpointError, atomic_open, load_file
 from model import GPT, SWITCHES, GPTConfig, gelu_approximate, set_gelu_approximate
 
 CKPT_FILE = "ckpt.pt"
@@ -56,49 +55,8 @@ ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab
 FIXED_ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "bias", *SWITCHES)
 
 
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and what to do."""
-
-
 # -----------------------------------------------------------------------------
-# Reading files safely
-
-
-def load_file(path: str | Path, fix: str = "delete it and resume from another checkpoint, or train again") -> dict:
-    """torch.load with weights_only=True: tensors, numbers, strings, lists and dicts only, so nothing in
-    the file can run code. A file that needs more, or is truncated or corrupt, is a CheckpointError whose
-    message ends with `fix`."""
-    path = Path(path)
-    try:
-        state = _torch_load(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist") from None
-    except pickle.UnpicklingError as error:
-        detail = next((line for line in str(error).splitlines() if "Unsupported global" in line), None)
-        if detail is None:  # not an object it refused: bytes that are no pickle at all
-            raise CheckpointError(f"{path} is truncated or corrupt (not a torch.save file); {fix}") from None
-        raise CheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors, numbers, strings, lists and dicts "
-            f"({detail.strip()}), and unpickling those could run code. Only load checkpoints you trust; "
-            "tritongpt and nanoGPT checkpoints never need this"
-        ) from None
-    except Exception as error:  # unpickling damaged bytes fails with almost any exception type
-        first_line = next(iter(str(error).splitlines()), "")
-        raise CheckpointError(f"{path} is truncated or corrupt ({type(error).__name__}: {first_line}); {fix}") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(state).__name__}, not a dict")
-    return state
-
-
-def _torch_load(path: Path) -> object:
-    """Memory-mapped where the file allows (torch.save's zip format, nanoGPT's included): tensors are read
-    when used, so finding the newest checkpoint reads only iter_num, not a few GB of optimizer state."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
+# Reading sharded checkpoints safely (plain files: fileio.load_file)
 
 
 class _MetadataUnpickler(pickle.Unpickler):

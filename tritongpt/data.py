@@ -13,13 +13,18 @@ TokenSplit samples training windows from either, the way nanoGPT does: a fresh n
 batch, random offsets drawn from a torch.Generator the caller owns.
 """
 import json
+import os
 import pickle
 import shlex
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import requests
+import tiktoken
 import torch
 
+from tritongpt.configurator import UserError
 from tritongpt.fileio import atomic_open
 
 TOKEN_DTYPE = np.uint16
@@ -35,6 +40,34 @@ MAX_SHARD_TOKENS = np.iinfo(np.int32).max
 # the same 32 MB of reads for a 20 GB file as for a 32 MB one.
 VOCAB_CHECK_FULL_TOKENS = 1 << 24
 VOCAB_CHECK_CHUNKS = 64
+
+
+class TokenizerError(UserError, RuntimeError):
+    """GPT-2's tokenizer could not be had; the message says how to get it."""
+
+
+def tiktoken_cache_dir() -> str:
+    """Where tiktoken keeps its downloaded vocabulary files (its own rule, from tiktoken/load.py)."""
+    return (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+            or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE. tiktoken downloads its vocabulary files once and caches them."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except (requests.RequestException, OSError) as e:
+        raise TokenizerError(
+            f"Could not load the GPT-2 tokenizer ({type(e).__name__}: {e}). tiktoken downloads its vocabulary "
+            "files from openaipublic.blob.core.windows.net on first use: check your internet connection, or "
+            "set TIKTOKEN_CACHE_DIR to a directory holding tiktoken's cached GPT-2 files"
+        ) from e
+    except ValueError as e:  # tiktoken's check of the files' sha256 failed: a corrupted or intercepted download
+        raise TokenizerError(
+            f"The GPT-2 tokenizer files tiktoken got are corrupt ({e}). Delete tiktoken's cache directory "
+            f"{tiktoken_cache_dir()} and run this again (behind a proxy that rewrites downloads, fetch the files "
+            "elsewhere and set TIKTOKEN_CACHE_DIR to a directory holding them)"
+        ) from e
 
 
 def prepare_command(dataset: str) -> str:

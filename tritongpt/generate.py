@@ -4,13 +4,17 @@ GPT.generate_stream and GPT.generate (nanoGPT's API, in model.py) call generate_
 forward takes a KVCache and each attention layer updates its LayerCache; nothing else in model.py knows
 about decoding.
 """
+from __future__ import annotations
+
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
 
-from model import GPT, AttentionMask, GPTConfig
+if TYPE_CHECKING:  # annotations only: model.py generates with this module
+    from model import GPT, AttentionMask, GPTConfig
 
 # -----------------------------------------------------------------------------
 # The KV cache

@@ -1,5 +1,7 @@
 """GPT-2 weights in Hugging Face's format: read them into our GPT (from the hub or a local directory) and
-write them back, with no need for `transformers`.
+write them back, with no need for `transformers`. GPT.from_pretrained and GPT.save_pretrained (model.py)
+call these functions, which know the format, not the model: they take its config's fields and its
+tensors by name.
 
 Hugging Face's GPT2LMHeadModel uses our parameter names (nanoGPT took them from OpenAI's GPT-2), with
 two differences in storage: its Conv1D layers keep Linear weights transposed, as (in, out), and the
@@ -17,15 +19,14 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from tritongpt.checkpoint import load_file
 from tritongpt import hub
-from tritongpt.fileio import DownloadError, atomic_open, download
-from model import GPT, GPTConfig, LayerNorm, gelu_approximate, set_gelu_approximate
+from tritongpt.fileio import DownloadError, atomic_open, download, load_file
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M and 1558M parameters
 CACHE_ENV = "TRITONGPT_CACHE"  # downloads go to $TRITONGPT_CACHE/<name>, by default ~/.cache/tritongpt/<name>
@@ -34,6 +35,8 @@ HF_SAFETENSORS = "model.safetensors"
 HF_SAFETENSORS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint: which shard holds each tensor
 HF_PYTORCH_BIN = "pytorch_model.bin"
 HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# the weights that HF's GPT-2 pairs with a bias (a bias=False model's are written as zeros)
+HF_BIASED_WEIGHTS = (*HF_CONV1D_WEIGHTS, "ln_1.weight", "ln_2.weight", "ln_f.weight")
 HF_GELU_APPROXIMATE = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # nn.GELU's name
 # GPT2Config's defaults: transformers leaves a key out of config.json when it has its default value.
 HF_GPT2_DEFAULTS = dict(
@@ -90,9 +93,9 @@ def gpt2_directory(name_or_dir: str) -> Path:
     return directory
 
 
-def gpt_config_from_hf(hf_config: dict, source: Path, dropout: float) -> tuple[GPTConfig, str]:
-    """Our config and GELU approximation for an HF config.json; an error for anything that would make
-    this GPT compute differently from HF's GPT2LMHeadModel."""
+def gpt_config_from_hf(hf_config: dict, source: Path, dropout: float) -> tuple[dict, str]:
+    """Our GPTConfig's fields and the GELU approximation for an HF config.json; an error for anything that
+    would make this GPT compute differently from HF's GPT2LMHeadModel."""
     hf = {**HF_GPT2_DEFAULTS, **hf_config}
     problems = []
     if hf.get("model_type") != "gpt2":
@@ -111,15 +114,8 @@ def gpt_config_from_hf(hf_config: dict, source: Path, dropout: float) -> tuple[G
         problems.append(f"n_embd {hf['n_embd']} is not divisible by n_head {hf['n_head']}")
     if problems:
         raise ValueError(f"{source} is not a GPT-2 config this model can load: {'; '.join(problems)}")
-    config = GPTConfig(
-        block_size=hf["n_positions"],
-        vocab_size=hf["vocab_size"],
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=hf["n_embd"],
-        dropout=dropout,
-        bias=True,
-    )
+    config = dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                  n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
     return config, HF_GELU_APPROXIMATE[hf["activation_function"]]
 
 
@@ -158,17 +154,19 @@ def read_hf_shapes(files: list[Path]) -> Iterator[tuple[str, tuple[int, ...]]]:
                 yield name, tuple(f.get_slice(name).get_shape())
 
 
-def check_hf_shapes(config: GPTConfig, shapes: Iterable[tuple[str, tuple[int, ...]]], source: Path) -> None:
-    """Every parameter of the GPT that `config` describes has an HF tensor of its shape, and no tensor is
-    foreign: checked against the weights' headers before the model is built, so a config.json with huge
-    sizes fails here instead of allocating them."""
-    shapes = list(shapes)
+def check_hf_layers(n_layer: int, shapes: list[tuple[str, tuple[int, ...]]], source: Path) -> None:
+    """config.json's n_layer against the layers the weights hold: before even an empty model of n_layer
+    blocks is built."""
     layers = {match[1] for name, _ in shapes if (match := re.match(r"(?:transformer\.)?h\.(\d+)\.", name))}
-    if len(layers) != config.n_layer:  # before building even an empty model of n_layer blocks
-        raise ValueError(f"{source}: {HF_CONFIG} says n_layer={config.n_layer}, but the weights hold {len(layers)} "
-                         "layers")
-    with torch.device("meta"):  # the parameters' shapes, without their memory
-        expected = {name: tuple(p.shape) for name, p in GPT(config, "sdpa", "torch").named_parameters()}
+    if len(layers) != n_layer:
+        raise ValueError(f"{source}: {HF_CONFIG} says n_layer={n_layer}, but the weights hold {len(layers)} layers")
+
+
+def check_hf_shapes(expected: dict[str, tuple[int, ...]], shapes: list[tuple[str, tuple[int, ...]]],
+                    source: Path) -> None:
+    """Every parameter (name -> shape, as the GPT that config.json describes has them) gets an HF tensor of
+    its shape, and no tensor is foreign: checked against the weights' headers before the model is built, so
+    a config.json with huge sizes fails here instead of allocating them."""
     missing = set(expected)
     for hf_name, shape in shapes:
         name = our_name(hf_name)
@@ -209,16 +207,28 @@ def our_name(hf_name: str) -> str | None:
 
 
 @torch.no_grad()
-def load_hf_tensors(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Copy HF GPT-2 tensors, whose names and shapes check_hf_shapes has checked, into the model."""
-    params = dict(model.named_parameters())  # the tied lm_head.weight is listed once, as transformer.wte.weight
+def load_hf_tensors(params: dict[str, torch.Tensor], tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy HF GPT-2 tensors, whose names and shapes check_hf_shapes has checked, into the parameters
+    (model.named_parameters(): a tied lm_head.weight is listed once, as transformer.wte.weight)."""
     for hf_name, tensor in tensors:
         name = our_name(hf_name)
         if name is not None:
             params[name].copy_(tensor.t() if name.endswith(HF_CONV1D_WEIGHTS) else tensor)
 
 
-def load_hf_gpt2(name_or_dir: str, override_args: dict, attn_impl: str, ln_impl: str) -> GPT:
+@dataclass
+class Pretrained:
+    """A GPT-2 in HF's format, checked and ready to load: our GPTConfig's fields, its GELU, its weight files."""
+
+    config: dict
+    approximate: str
+    files: list[Path]
+    source: Path
+
+
+def find_pretrained(name_or_dir: str, override_args: dict) -> Pretrained:
+    """A GPT-2 name (downloaded once) or a local directory, as from_pretrained takes it; override_args may
+    change dropout only, as in nanoGPT."""
     unsupported = sorted(set(override_args) - {"dropout"})
     if unsupported:
         raise ValueError(
@@ -230,22 +240,18 @@ def load_hf_gpt2(name_or_dir: str, override_args: dict, attn_impl: str, ln_impl:
         raise FileNotFoundError(
             f"{directory} has no {HF_CONFIG}; a Hugging Face GPT-2 directory holds {HF_CONFIG} and {HF_SAFETENSORS}"
         )
-    dropout = override_args.get("dropout", 0.0)
-    config, approximate = gpt_config_from_hf(json.loads(config_path.read_text()), config_path, dropout)
-    files = hf_weight_files(directory)
-    check_hf_shapes(config, read_hf_shapes(files), directory)  # before building the model
-    model = GPT(config, attn_impl, ln_impl)
-    load_hf_tensors(model, read_hf_tensors(files))
-    set_gelu_approximate(model, approximate)
-    return model
+    config, approximate = gpt_config_from_hf(json.loads(config_path.read_text()), config_path,
+                                             override_args.get("dropout", 0.0))
+    return Pretrained(config, approximate, hf_weight_files(directory), directory)
 
 
-def hf_config(model: GPT) -> dict:
-    cfg = model.config
-    if cfg.switches_on():
+def hf_config(cfg, switches_on: dict, approximate: str) -> dict:
+    """config.json for a GPTConfig `cfg` (its modern-recipe switches that are on: `switches_on`) whose GELUs
+    run with `approximate`."""
+    if switches_on:
         raise ValueError(
             f"save_pretrained writes GPT-2's architecture, and this model differs from it: "
-            f"{', '.join(f'{k}={v!r}' for k, v in cfg.switches_on().items())}. transformers' GPT2LMHeadModel cannot "
+            f"{', '.join(f'{k}={v!r}' for k, v in switches_on.items())}. transformers' GPT2LMHeadModel cannot "
             "represent that; save the model with train.py's checkpoints (ckpt.pt) instead"
         )
     eot = GPT2_EOT if cfg.vocab_size > GPT2_EOT else None  # a small vocabulary has no <|endoftext|>
@@ -259,7 +265,7 @@ def hf_config(model: GPT) -> dict:
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "n_inner": None,
-        "activation_function": "gelu_new" if gelu_approximate(model) == "tanh" else "gelu",
+        "activation_function": "gelu_new" if approximate == "tanh" else "gelu",
         "layer_norm_epsilon": 1e-5,
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
@@ -275,26 +281,26 @@ def hf_config(model: GPT) -> dict:
     }
 
 
-def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's tensors under HF GPT-2 names: Linear weights transposed to Conv1D's (in, out), zeros for
-    the biases of a bias=False model (HF's GPT-2 always has biases; zero ones change nothing), and no
-    lm_head, which HF ties to wte."""
+def hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model's tensors (its state_dict) under HF GPT-2 names: Linear weights transposed to Conv1D's
+    (in, out), zeros for the biases of a bias=False model (HF's GPT-2 always has biases; zero ones change
+    nothing), and no lm_head, which HF ties to wte."""
     tensors = {}
-    for name, module in model.transformer.named_modules(prefix="transformer"):
-        if isinstance(module, nn.Embedding):
-            tensors[f"{name}.weight"] = module.weight
-        elif isinstance(module, (nn.Linear, LayerNorm)):
-            tensors[f"{name}.weight"] = module.weight.t() if isinstance(module, nn.Linear) else module.weight
-            zeros = module.weight.new_zeros(module.weight.shape[0])
-            tensors[f"{name}.bias"] = module.bias if module.bias is not None else zeros
+    for name, tensor in state.items():
+        if name == "lm_head.weight":
+            continue
+        tensors[name] = tensor.t() if name.endswith(HF_CONV1D_WEIGHTS) else tensor
+        bias = name.removesuffix("weight") + "bias"
+        if name.endswith(HF_BIASED_WEIGHTS) and bias not in state:
+            tensors[bias] = tensor.new_zeros(tensor.shape[0])
     return {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
 
 
-def save_hf_gpt2(model: GPT, directory: Path) -> None:
-    config = hf_config(model)  # first: a model GPT-2 cannot represent is refused before anything is written
+def save_hf_gpt2(config: dict, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """config.json (hf_config's) and model.safetensors (hf_state_dict's) in `directory`, each written to a
+    temporary name first: readers see the old file or the new one, never a torn one."""
     directory.mkdir(parents=True, exist_ok=True)
-    # each file goes to a temporary name first: readers see the old file or the new one, never a torn one
     with atomic_open(directory / HF_SAFETENSORS) as f:
-        f.write(safetensors_bytes(hf_state_dict(model), metadata={"format": "pt"}))
+        f.write(safetensors_bytes(tensors, metadata={"format": "pt"}))
     with atomic_open(directory / HF_CONFIG) as f:
         f.write((json.dumps(config, indent=2) + "\n").encode())

@@ -10,13 +10,18 @@ Weight decay: AdamW's (decoupled, lr * weight_decay per step) on the matrices it
 untied lm_head), none on gains and biases; Muon's, the same decoupled form with Muon's lr, on the block
 matrices. The schedule (warmup, cosine decay) scales both learning rates by the same factor.
 """
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed.tensor
 from torch import nn
 
-from model import GPT
+if TYPE_CHECKING:  # annotations only: model.py builds its optimizer with this module
+    from model import GPT
+
 
 # torch.optim.Muon's Newton-Schulz coefficients and steps (Keller Jordan's quintic iteration)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
