@@ -29,8 +29,8 @@ $ python train.py --out_dir=out --consolidate=True
 SIGTERM or Ctrl-C saves a checkpoint after the current step, then exits; `--init_from=resume` continues.
 Under `torchrun --max-restarts=N`, restarted workers resume from the latest checkpoint by themselves.
 docs/ has the details. The config keys, defaults, command lines, data files and checkpoints are nanoGPT's;
-the run-time parts (schedule, step, evaluation, checkpoints, processes, layouts) are functions in training.py,
-checkpoint.py, metrics.py, parallelism.py and pipeline.py.
+the run-time parts (schedule, step, evaluation, checkpoints, processes, layouts) are functions in tritongpt/: loop.py,
+distributed.py, checkpoint.py, metrics.py, parallelism.py and pipeline.py.
 """
 import math
 import os
@@ -44,7 +44,10 @@ from tritongpt import checkpoint as ckpt
 from tritongpt import metrics
 from tritongpt import parallelism
 from tritongpt import pipeline
-from tritongpt import training
+from tritongpt import data
+from tritongpt import distributed
+from tritongpt import loop
+from tritongpt import optim
 from tritongpt.configurator import autocast, configure, error_boundary, resolve_compile, resolve_device, resolve_dtype
 from tritongpt.data import TokenSplit, load_meta
 from tritongpt.fileio import DownloadError, remove_stale_temp_files, writable_directory
@@ -152,14 +155,14 @@ if consolidate:
 if parallel == "fsdp" and "RANK" not in os.environ:
     fail("--parallel=fsdp shards the model across processes; run under torchrun, e.g. "
          "torchrun --standalone --nproc_per_node=8 train.py ... --parallel=fsdp")
-dist = training.setup_distributed(resolve_device(device), backend)
+dist = distributed.setup_distributed(resolve_device(device), backend)
 fsdp = parallel == "fsdp"
 master_process = dist.master
 try:
     layout = parallelism.plan_layout(dist.world_size, dist.rank, tensor_parallel, pipeline_parallel)
     # the ranks of one model replica (tensor, pipeline) compute the same micro-batches: the batch splits over
     # data ranks, and a pipeline's micro-batches are these
-    accumulation = training.per_rank_accumulation(gradient_accumulation_steps, layout.data)
+    accumulation = distributed.per_rank_accumulation(gradient_accumulation_steps, layout.data)
 except ValueError as error:
     fail(str(error))
 device, device_type = dist.device, dist.device.type
@@ -248,7 +251,7 @@ try:
         split.windows(block_size)  # a split too small for one window: now, not at the first eval
 except (FileNotFoundError, ValueError) as error:
     fail(str(error))
-batches = training.Batches(splits, batch_size, block_size, device, seed)
+batches = data.Batches(splits, batch_size, block_size, device, seed)
 
 # the attention and norm implementations, chosen before compiling and sharding (under FSDP's engine the
 # residual stream, so the norms' input, is in the mixed-precision dtype)
@@ -298,7 +301,7 @@ if layout.pipeline > 1:
         print(pipeline.describe(pipeline_schedule, layout, accumulation, len(stages), raw_model.config.n_layer))
 if dist.enabled and not fsdp_engine and layout.model_parallel == 1:
     model = DDP(model, device_ids=[dist.local_rank] if device_type == "cuda" else None)
-sync_gradients = training.gradient_sync_switch(model, raw_model)
+sync_gradients = loop.gradient_sync_switch(model, raw_model)
 
 if wandb_log and master_process:
     import wandb
@@ -318,7 +321,7 @@ def save_checkpoint(latest: bool) -> None:
         print(f"saved checkpoint {path} (iter {iter_num})")
 
 
-def train_batch(micro_step: int) -> training.Batch:
+def train_batch(micro_step: int) -> data.Batch:
     """This data rank's micro_step-th batch of the current iteration: its share of the global step's."""
     return batches.train(iter_num, layout.data_rank * accumulation + micro_step)
 
@@ -331,8 +334,8 @@ def stop_diverged(what: str) -> None:
 
 # -----------------------------------------------------------------------------
 # training loop
-early_stopping = training.EarlyStopping(early_stopping_patience, best_val_loss, evals_since_best)
-stop_signal = training.StopSignal().install()
+early_stopping = loop.EarlyStopping(early_stopping_patience, best_val_loss, evals_since_best)
+stop_signal = distributed.StopSignal().install()
 step_timer = metrics.StepTimer()
 peak_flops = metrics.gpu_peak_flops(device, dtype)
 stopped_by_signal = False
@@ -341,8 +344,8 @@ resumed_at = iter_num if init_from == "resume" else None
 while True:
     final = iter_num >= max_iters
     if iter_num % eval_interval == 0 or final or eval_only:
-        lr = training.get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
-        losses = training.estimate_loss(model, batches.eval, eval_iters, ctx, layout.data_rank, layout.data, data_group)
+        lr = optim.get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
+        losses = loop.estimate_loss(model, batches.eval, eval_iters, ctx, layout.data_rank, layout.data, data_group)
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             if eval_only:
@@ -369,13 +372,13 @@ while True:
         break
 
     # forward, backward, update, with gradient accumulation to simulate a larger batch
-    lr = training.get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
+    lr = optim.get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
     set_lr(opt, lr, learning_rate, muon_lr)
     t0 = time.time()
     if pipe is not None:
         loss = pipeline.train_step(pipe, opt, scaler, train_batch, accumulation, grad_clip, ctx)
     else:
-        loss = training.train_step(model, opt, scaler, train_batch, accumulation, grad_clip, ctx, sync_gradients)
+        loss = loop.train_step(model, opt, scaler, train_batch, accumulation, grad_clip, ctx, sync_gradients)
 
     # timing and logging
     if iter_num % log_interval == 0 and master_process:
@@ -396,7 +399,7 @@ while True:
     iter_num += 1
 
     # SIGTERM/SIGINT: every rank stops after the same step and saves what it has
-    if training.agree_to_stop(stop_signal.received is not None, device, dist.world_size):
+    if distributed.agree_to_stop(stop_signal.received is not None, device, dist.world_size):
         save_checkpoint(latest=not always_save_checkpoint)
         stopped_by_signal = True
         break
@@ -409,6 +412,6 @@ if stopped_by_signal and master_process:
     print(f"stopped at iter {iter_num}; to continue, run the same command with --init_from=resume "
           f"(out_dir={out_dir})", file=sys.stderr)
 model = raw_model = opt = pipe = stages = None  # free FSDP's state before leaving the process group
-training.teardown_distributed(dist)
+distributed.teardown_distributed(dist)
 if stopped_by_signal:
     sys.exit(stop_signal.exit_code if stop_signal.received is not None else 143)

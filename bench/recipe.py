@@ -1,5 +1,5 @@
 """The GPT-2 recipe against the modern one, on the same model size, data and wall-clock budget: which learns
-faster. Each recipe trains with train.py's own functions (training.train_step, estimate_loss, optim), one
+faster. Each recipe trains with train.py's own functions (loop.train_step, loop.estimate_loss, optim), one
 after the other in this invocation, so all see the same machine; the clock stops during evals.
 
     python bench/recipe.py --ablation --out bench/results/recipe/cpu   # CPU: the quickstart's model and data
@@ -27,7 +27,9 @@ from tritongpt.configurator import autocast, script_config  # noqa: E402
 from tritongpt.data import TokenSplit  # noqa: E402
 from model import GPT, SWITCHES, GPTConfig  # noqa: E402
 from tritongpt.optim import build_optimizer, set_lr  # noqa: E402
-from tritongpt.training import Batches, estimate_loss, get_lr, train_step  # noqa: E402
+from tritongpt.data import Batches  # noqa: E402
+from tritongpt.loop import estimate_loss, train_step  # noqa: E402
+from tritongpt.optim import get_lr  # noqa: E402
 
 TRAIN = common.REPO / "train.py"
 BASE_CONFIG = common.REPO / "config" / "shakespeare_cpu_gpt2.py"

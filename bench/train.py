@@ -8,7 +8,7 @@ gradient clipping, AdamW) for each attention/LayerNorm implementation, with and 
 Models: `gpt2` (GPT-2 124M, block 1024, micro-batch 12: train.py's defaults, like nanoGPT's bench),
 `shakespeare_char` (config/shakespeare.py: 6 layers, 6 heads, 384 wide, block 256, batch 64) and
 `tiny` (for --quick). The models, batch sizes and optimizer settings are train.py's defaults (with the
-config file, for shakespeare_char), read from train.py itself; each step is training.train_step, the
+config file, for shakespeare_char), read from train.py itself; each step is loop.train_step, the
 function train.py runs. Implementations: `eager` (hand-written attention, torch LayerNorm), `sdpa`
 (F.scaled_dot_product_attention, torch LayerNorm), `triton` (our attention and LayerNorm kernels) and
 `triton+ce` (those and the fused linear cross-entropy); the last two CUDA only; every other row computes
@@ -30,7 +30,7 @@ from tritongpt.configurator import autocast, script_config  # noqa: E402
 from tritongpt.metrics import gpu_peak_flops  # noqa: E402
 from model import GPT, SWITCHES, GPTConfig  # noqa: E402
 from tritongpt.optim import build_optimizer  # noqa: E402
-from tritongpt.training import train_step  # noqa: E402
+from tritongpt.loop import train_step  # noqa: E402
 
 # impl -> (attn_impl, ln_impl, ce_impl) of the model
 IMPLS = {"eager": ("eager", "torch", "torch"), "sdpa": ("sdpa", "torch", "torch"),
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "timing": "wall-clock median per step, synchronized",
     }
     notes += [
-        ("A step: training.train_step, as train.py runs it: forward and loss under autocast, backward, gradient "
+        ("A step: loop.train_step, as train.py runs it: forward and loss under autocast, backward, gradient "
          "clipping and AdamW (train.py's settings; fused where PyTorch has it), on one batch of random tokens."),
         ("MFU_pct: model.estimate_mfu (PaLM's 6N + 12·L·H·Q·T FLOPs per token) over the GPU's dense bf16/fp16 "
          "peak in metrics.GPU_PEAK_FLOPS; none on CPU, in float32 or on an unlisted GPU."),

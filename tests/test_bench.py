@@ -206,12 +206,12 @@ def test_script_runs_the_triton_rows_on_gpu(name, args, tmp_path):
 
 
 def test_train_bench_times_train_py_step_with_train_py_settings(monkeypatch):
-    """No copy of the step or of the settings: the bench calls training.train_step with what train.py (and,
+    """No copy of the step or of the settings: the bench calls loop.train_step with what train.py (and,
     for shakespeare_char, its config file) sets, read from train.py itself."""
-    from tritongpt import training
+    from tritongpt import loop
 
     steps = []
-    monkeypatch.setattr(train_bench, "train_step", lambda *args: steps.append(args) or training.train_step(*args))
+    monkeypatch.setattr(train_bench, "train_step", lambda *args: steps.append(args) or loop.train_step(*args))
     gpt2, char = train_bench.train_config("gpt2"), train_bench.train_config("shakespeare_char")
     assert (gpt2["n_layer"], gpt2["n_embd"], gpt2["block_size"], gpt2["batch_size"]) == (12, 768, 1024, 12)
     assert (char["n_layer"], char["n_embd"], char["block_size"], char["dropout"]) == (6, 384, 256, 0.2)

@@ -17,6 +17,7 @@ import os
 import pickle
 import shlex
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -355,3 +356,43 @@ class TokenSplit:
         x = torch.from_numpy(rows[:, :-1].copy())
         y = torch.from_numpy(rows[:, 1:].copy())
         return x, y
+
+
+# -----------------------------------------------------------------------------
+# Which batch each micro-step sees
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def batch_seed(*parts: int) -> int:
+    """A seed for one batch, a pure function of (seed, stream, step, index), with stream 0 for training and
+    1, 2 for the eval splits: the data stream is the same whatever the number of processes, and a resumed
+    run draws exactly the batches it would have drawn."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass
+class Batches:
+    """Draws the batches of a run: split, then (seed, stream, step, index) names the batch."""
+
+    splits: dict[str, TokenSplit]
+    batch_size: int
+    block_size: int
+    device: torch.device
+    seed: int
+
+    def get(self, split: str, *seed_parts: int) -> Batch:
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, *seed_parts))
+        x, y = self.splits[split].get_batch(self.batch_size, self.block_size, generator)
+        if self.device.type == "cuda":
+            # pinned memory lets the copy to the GPU run asynchronously (non_blocking)
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def train(self, iter_num: int, micro_step: int) -> Batch:
+        """The micro_step-th batch of a training step, counted over all processes."""
+        return self.get("train", 0, iter_num, micro_step)
+
+    def eval(self, split: str, k: int) -> Batch:
+        """The k-th eval batch of a split: the same at every eval, so evals compare."""
+        return self.get(split, 1 + ("train", "val").index(split), k)

@@ -181,3 +181,22 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, learning_rate: float, mu
 def block_matrices(model: nn.Module) -> list[str]:
     """The names of the parameters Muon takes: the 2D weights inside the transformer blocks."""
     return [name for name, p in model.named_parameters() if name.startswith("transformer.h.") and p.dim() == 2]
+
+
+# -----------------------------------------------------------------------------
+# The learning-rate schedule
+
+
+def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float,
+           decay_lr: bool = True) -> float:
+    """nanoGPT's schedule: linear warmup from learning_rate / (warmup_iters + 1) at step 0 to learning_rate,
+    then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+    return min_lr + coeff * (learning_rate - min_lr)

@@ -28,7 +28,9 @@ from torch.distributed.tensor import DTensor
 
 from model import GPT, GPTConfig, cross_entropy
 from tritongpt.parallelism import Layout, LayoutError
-from tritongpt.training import Batch, apply_update
+from tritongpt.data import Batch
+
+from tritongpt.loop import apply_update
 
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
@@ -244,7 +246,7 @@ def describe(schedule: str, layout: Layout, microbatches: int, per_rank: int, n_
 
 def train_step(pipe: Pipeline, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                get_batch: Callable[[int], Batch], microbatches: int, grad_clip: float, autocast) -> torch.Tensor:
-    """training.train_step for a pipeline: the schedule's forward and backward, then the same update, with
+    """loop.train_step for a pipeline: the schedule's forward and backward, then the same update, with
     the gradient norm taken over the whole pipeline. Returns the mean loss, on every rank."""
     with autocast:
         loss = pipe.forward_backward(get_batch, microbatches)

@@ -1,5 +1,5 @@
-"""training.py and metrics.py called directly: the schedule, one optimizer step, evaluation, early stopping,
-signals, and what a run reports."""
+"""loop.py, distributed.py, metrics.py and the schedule and batches (optim.get_lr, data.Batches) called directly:
+one optimizer step, evaluation, early stopping, signals, and what a run reports."""
 import collections
 import math
 import os
@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from tritongpt import metrics
-from tritongpt import training
+from tritongpt import data
+from tritongpt import distributed
+from tritongpt import loop
+from tritongpt import optim
 from model import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
@@ -29,16 +32,16 @@ def reference_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
 
 @pytest.mark.parametrize("it", [0, 1, 9, 10, 11, 55, 99, 100, 101, 10_000])
 def test_lr_schedule_at_its_boundaries(it):
-    assert training.get_lr(it, **SCHEDULE) == pytest.approx(reference_lr(it, **SCHEDULE), rel=1e-12)
+    assert optim.get_lr(it, **SCHEDULE) == pytest.approx(reference_lr(it, **SCHEDULE), rel=1e-12)
 
 
 def test_lr_schedule_edges():
-    assert training.get_lr(0, **SCHEDULE) > 0  # never a wasted step at lr 0
-    assert training.get_lr(10, **SCHEDULE) == pytest.approx(6e-4)  # the peak, right after warmup
-    assert training.get_lr(100, **SCHEDULE) == pytest.approx(6e-5) == training.get_lr(5000, **SCHEDULE)
-    assert training.get_lr(3, **SCHEDULE, decay_lr=False) == 6e-4
+    assert optim.get_lr(0, **SCHEDULE) > 0  # never a wasted step at lr 0
+    assert optim.get_lr(10, **SCHEDULE) == pytest.approx(6e-4)  # the peak, right after warmup
+    assert optim.get_lr(100, **SCHEDULE) == pytest.approx(6e-5) == optim.get_lr(5000, **SCHEDULE)
+    assert optim.get_lr(3, **SCHEDULE, decay_lr=False) == 6e-4
     no_decay_window = dict(SCHEDULE, warmup_iters=100)  # warmup up to lr_decay_iters: no division by zero
-    assert training.get_lr(100, **no_decay_window) == pytest.approx(6e-4)
+    assert optim.get_lr(100, **no_decay_window) == pytest.approx(6e-4)
 
 
 def tiny_model(seed=0):
@@ -58,7 +61,7 @@ def test_accumulated_micro_steps_equal_one_big_batch():
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         rows = 8 // micro_batches
-        loss = training.train_step(model, optimizer, scaler, lambda i: (x[i * rows:(i + 1) * rows], y[i * rows:(i + 1) * rows]),
+        loss = loop.train_step(model, optimizer, scaler, lambda i: (x[i * rows:(i + 1) * rows], y[i * rows:(i + 1) * rows]),
                                    micro_batches, 0.0, torch.autocast("cpu", enabled=False))
         results.append((loss.item(), [p.detach().clone() for p in model.parameters()]))
     (loss_one, params_one), (loss_four, params_four) = results
@@ -73,7 +76,7 @@ def test_train_step_clips_and_syncs_only_on_the_last_micro_step():
     before = [p.detach().clone() for p in model.parameters()]
     syncs = []
     x = torch.randint(0, TINY.vocab_size, (2, TINY.block_size))
-    training.train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), lambda i: (x, x), 3, 0.01,
+    loop.train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), lambda i: (x, x), 3, 0.01,
                         torch.autocast("cpu", enabled=False), syncs.append)
     assert syncs == [False, False, True]
     update = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
@@ -91,7 +94,7 @@ def test_estimate_loss_is_the_mean_over_the_same_batches():
         return torch.randint(0, TINY.vocab_size, (2, TINY.block_size), generator=g), torch.randint(
             0, TINY.vocab_size, (2, TINY.block_size), generator=g)
 
-    losses = training.estimate_loss(model, get_batch, 3, torch.autocast("cpu", enabled=False))
+    losses = loop.estimate_loss(model, get_batch, 3, torch.autocast("cpu", enabled=False))
     assert calls == [("train", 0), ("train", 1), ("train", 2), ("val", 0), ("val", 1), ("val", 2)]
     with torch.no_grad():
         expected = sum(model(*get_batch("val", k))[1].item() for k in range(3)) / 3
@@ -105,27 +108,27 @@ def test_batches_are_a_function_of_seed_step_and_index(tmp_path):
     write_tokens(tmp_path / "train.bin", torch.arange(1000) % 50)
     write_tokens(tmp_path / "val.bin", torch.arange(500) % 50)
     splits = {s: TokenSplit(tmp_path, s) for s in ("train", "val")}
-    batches = training.Batches(splits, 4, 8, torch.device("cpu"), seed=1337)
+    batches = data.Batches(splits, 4, 8, torch.device("cpu"), seed=1337)
     assert torch.equal(batches.train(5, 2)[0], batches.train(5, 2)[0])
     assert not torch.equal(batches.train(5, 2)[0], batches.train(5, 3)[0])
-    assert not torch.equal(batches.train(5, 2)[0], training.Batches(splits, 4, 8, torch.device("cpu"), 1).train(5, 2)[0])
+    assert not torch.equal(batches.train(5, 2)[0], data.Batches(splits, 4, 8, torch.device("cpu"), 1).train(5, 2)[0])
     x, y = batches.eval("val", 0)
     assert torch.equal(y[:, :-1], x[:, 1:])
 
 
 def test_early_stopping_counts_evals_without_improvement():
-    early = training.EarlyStopping(patience=2)
+    early = loop.EarlyStopping(patience=2)
     assert [early.update(v) for v in (3.0, 2.5, 2.6, 2.5)] == [True, True, False, False]
     assert early.should_stop and early.best == 2.5
-    assert not training.EarlyStopping(patience=0, evals_since_best=99).should_stop  # 0: off
-    resumed = training.EarlyStopping(patience=2, best=2.5, evals_since_best=1)
+    assert not loop.EarlyStopping(patience=0, evals_since_best=99).should_stop  # 0: off
+    resumed = loop.EarlyStopping(patience=2, best=2.5, evals_since_best=1)
     assert resumed.update(2.4) and not resumed.should_stop
     with pytest.raises(ValueError, match="early_stopping_patience must be >= 0"):
-        training.EarlyStopping(patience=-1)
+        loop.EarlyStopping(patience=-1)
 
 
 def test_stop_signal_asks_to_stop_and_names_the_exit_code(capsys):
-    stop = training.StopSignal().install()
+    stop = distributed.StopSignal().install()
     try:
         assert stop.received is None
         os.kill(os.getpid(), signal.SIGTERM)
@@ -137,17 +140,17 @@ def test_stop_signal_asks_to_stop_and_names_the_exit_code(capsys):
     finally:
         stop.uninstall()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    assert training.agree_to_stop(True, torch.device("cpu"), 1)
+    assert distributed.agree_to_stop(True, torch.device("cpu"), 1)
 
 
 def test_processes_and_accumulation():
-    alone = training.setup_distributed("cpu", "nccl", env={})
+    alone = distributed.setup_distributed("cpu", "nccl", env={})
     assert (alone.rank, alone.world_size, alone.master, alone.enabled) == (0, 1, True, False)
-    assert training.per_rank_accumulation(40, 8) == 5
+    assert distributed.per_rank_accumulation(40, 8) == 5
     with pytest.raises(ValueError, match="not divisible by the 3 processes; pick a multiple of 3"):
-        training.per_rank_accumulation(40, 3)
+        distributed.per_rank_accumulation(40, 3)
     model = tiny_model()
-    assert training.gradient_sync_switch(model, model) is None
+    assert loop.gradient_sync_switch(model, model) is None
 
 
 def test_step_timer_leaves_out_the_warm_up_steps():
@@ -276,7 +279,7 @@ def test_a_training_step_launches_no_more_kernels_than_a_plain_loop():
     plain_optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-3, fused=True)
 
     def our_step():
-        training.train_step(ours, our_optimizer, scaler, lambda i: batches[i], 2, 1.0, no_autocast)
+        loop.train_step(ours, our_optimizer, scaler, lambda i: batches[i], 2, 1.0, no_autocast)
 
     def plain_step():
         for x, y in batches:
