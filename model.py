@@ -1,15 +1,16 @@
 """The GPT-2 model, with nanoGPT's parameter names so checkpoints move freely between the two.
 
 Attention, layer norm and the training loss have interchangeable implementations picked at run time, not
-stored in the checkpoint (impls.py has the choices and how `auto` resolves). The choice is resolved once,
-when the model first runs on a device (and again only if it moves to another). train.py goes further on
-CUDA and times both (select_impl.py).
+stored in the checkpoint: model.set_impl says which run. `auto` runs PyTorch's until tritongpt/impls.py's
+choose_impls (which train.py and sample.py call once, on the run's device) picks, timing our kernels
+against PyTorch's on CUDA.
 """
 import math
-import sys
 from collections.abc import Iterator
+import functools
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -18,8 +19,64 @@ from torch.nn import functional as F
 from tritongpt import hf
 from tritongpt.generate import KVCache, LayerCache, generate_stream
 from tritongpt.optim import build_optimizer
-from tritongpt.impls import (ATTN_IMPLS, CE_IMPLS, LN_IMPLS, check_impl, compute_dtype, flex_attention, kernels_module,
-                   resolve_attn_impl, resolve_ce_impl, resolve_ln_impl)
+
+
+# The implementations each part can run: attention `eager` (the masked softmax written out), `sdpa`
+# (F.scaled_dot_product_attention), `triton` (our flash attention kernel) or `flex` (FlexAttention, compiled on
+# CUDA); layer norm `torch` or `triton` (our fused kernel); the training loss `torch` (F.cross_entropy of the
+# logits) or `triton` (the fused linear cross-entropy). `auto`: PyTorch's until impls.choose_impls picks.
+ATTN_IMPLS = ("auto", "eager", "sdpa", "triton", "flex")
+LN_IMPLS = ("auto", "torch", "triton")
+CE_IMPLS = ("auto", "torch", "triton")
+
+
+class Impls(NamedTuple):
+    attn: str
+    ln: str
+    ce: str
+
+
+PYTORCH_IMPLS = Impls("sdpa", "torch", "torch")
+
+
+def kernels_module():
+    """Import kernels/ on first use, so CPU-only users never need Triton."""
+    try:
+        import kernels
+    except ImportError as error:
+        raise RuntimeError(
+            f"the Triton kernels could not be imported ({error}); install triton (pip install triton) "
+            "or use attn_impl='sdpa' and ln_impl='torch'"
+        ) from error
+    return kernels
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention as eager_flex
+
+    return torch.compile(eager_flex, dynamic=False)
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor | None,
+                   window: int) -> torch.Tensor:
+    """Causal attention over (B, H, T, D) through FlexAttention with a block mask: a query sees the keys of
+    its document (from starts[b, t], (B, T), when given) and, with a window, its last `window` keys. Compiled
+    on CUDA (its fused kernel skips the empty blocks), eager elsewhere (forward only)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as eager_flex
+
+    def visible(b, h, q_idx, kv_idx):
+        seen = kv_idx <= q_idx
+        if starts is not None:
+            seen = seen & (kv_idx >= starts[b, q_idx])
+        if window:
+            seen = seen & (q_idx - kv_idx < window)
+        return seen
+
+    T = q.size(-2)
+    block_mask = create_block_mask(visible, q.size(0) if starts is not None else None, None, T, T, device=q.device)
+    return (_compiled_flex() if q.is_cuda else eager_flex)(q, k, v, block_mask=block_mask)
 
 
 @dataclass
@@ -201,7 +258,7 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias and not rms else None
         self.rms = rms
-        self.impl = "torch"  # resolved by GPT.resolve_impl
+        self.impl = "torch"  # set by GPT.set_impl
 
     def forward(self, x):
         if self.rms:
@@ -223,7 +280,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
-        self.impl = "sdpa"  # resolved by GPT.resolve_impl
+        self.impl = "sdpa"  # set by GPT.set_impl
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: "LayerCache | None" = None,
                 start: int = 0, mask: AttentionMask | None = None):
@@ -305,38 +362,22 @@ class GPT(nn.Module):
         self.set_impl(attn_impl, ln_impl)
 
     def set_impl(self, attn_impl: str = "auto", ln_impl: str = "auto", ce_impl: str = "auto") -> None:
-        """Request attention, layer norm and training-loss implementations (a run-time choice, not saved).
-        They are resolved when the model next runs, for the device it runs on (see resolve_impl)."""
-        self.attn_impl = check_impl("attn_impl", attn_impl, ATTN_IMPLS)
-        self.ln_impl = check_impl("ln_impl", ln_impl, LN_IMPLS)
-        self.ce_impl = check_impl("ce_impl", ce_impl, CE_IMPLS)
-        self.impl_device: torch.device | None = None  # where the resolved choice holds
-        self.told_about_decoding = False
-
-    def resolve_impl(self, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
-        """Resolve the requested implementations for a device and compute dtype, once: every layer then
-        runs the resolved one without asking again. Returns (attention, layer norm)."""
-        head_dim = self.config.n_embd // self.config.n_head
-        attn = resolve_attn_impl(self.attn_impl, head_dim, dtype, device)
-        ln = resolve_ln_impl(self.ln_impl, dtype, device)
-        self.use_impl(attn, ln, device, resolve_ce_impl(self.ce_impl, device))
-        return attn, ln
-
-    def use_impl(self, attn: str, ln: str, device: torch.device, ce: str | None = None) -> None:
-        """Run these resolved implementations on `device` (e.g. the faster ones, as measured by select_impl);
-        ce=None keeps the training loss's."""
-        if ce is not None:
-            self.resolved_ce_impl = ce
+        """Which attention, layer norm and training-loss implementations run (a run-time choice, not saved):
+        `requested` keeps what was asked, `running` what runs, where `auto` is PyTorch's until
+        impls.choose_impls picks (on the run's device, once) and sets its choice here."""
+        for name, value, valid in (("attn_impl", attn_impl, ATTN_IMPLS), ("ln_impl", ln_impl, LN_IMPLS),
+                                   ("ce_impl", ce_impl, CE_IMPLS)):
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+        self.requested = Impls(attn_impl, ln_impl, ce_impl)
+        self.running = Impls(*(default if value == "auto" else value
+                               for value, default in zip(self.requested, PYTORCH_IMPLS)))
         for module in self.modules():
             if isinstance(module, CausalSelfAttention):
-                module.impl = attn
+                module.impl = self.running.attn
             elif isinstance(module, LayerNorm):
-                module.impl = ln
-        self.resolved_attn_impl, self.resolved_ln_impl = attn, ln
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:  # tensors say cuda:N: compare like with like
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.impl_device = device
+                module.impl = self.running.ln
+        self.told_about_decoding = False  # generate.py says once that SDPA decodes for the triton kernel
 
     def get_num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without the embeddings, whose lookups cost no FLOPs (tied token
@@ -361,13 +402,7 @@ class GPT(nn.Module):
         Without: (logits for the last position only, None): all that generation needs, and cheaper."""
         device = idx.device
         b, t = idx.size()
-        if device != self.impl_device:
-            self.resolve_impl(device, compute_dtype(device, self.lm_head.weight.dtype))
         start = cache.length if cache is not None else 0
-        if start > 0 and self.resolved_attn_impl == "triton" and not self.told_about_decoding:
-            print("attn_impl='triton': the single-token decoding steps run SDPA (the kernel is for whole blocks)",
-                  file=sys.stderr)
-            self.told_about_decoding = True
         rolling = cache is not None and cache.rolling and t == 1
         if start + t > self.config.block_size and not rolling:
             raise ValueError(
@@ -383,7 +418,7 @@ class GPT(nn.Module):
             cache.length = start + t
         if targets is None:
             x = x[:, [-1], :]  # generation needs the last position only; the list index keeps the time dim
-        elif self.training and self.resolved_ce_impl == "triton":
+        elif self.training and self.running.ce == "triton":
             # the loss and its gradients without the (B, T, vocab) logits; evaluation keeps returning them
             loss = kernels_module().linear_cross_entropy(self.transformer.ln_f(x), self.lm_head.weight, targets,
                                                          self.config.logit_softcap)

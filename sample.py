@@ -19,6 +19,7 @@ from tritongpt.configurator import autocast, configure, error_boundary, resolve_
 from tritongpt.data import TokenizerError, gpt2_encoding, load_meta
 from tritongpt.fileio import DownloadError
 from tritongpt.generate import check_sampling
+from tritongpt.impls import choose_impls
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -159,6 +160,8 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = True
     model, tokenizer = load_model(config["init_from"], config["out_dir"], config["attn_impl"], config["ln_impl"])
     model.eval().to(device)
+    # `auto`: a Triton kernel on CUDA where it supports the model's shapes, else PyTorch's (nothing to time)
+    choose_impls(model, config["num_samples"], device, getattr(torch, dtype), measure=False)
     if resolve_compile(config["compile"], device):
         model.compile()  # in place, so the generation loop's calls of the model go through it
     prompt_ids = tokenizer.encode(read_prompt(config["start"]))

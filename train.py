@@ -53,7 +53,7 @@ from tritongpt.data import TokenSplit, load_meta
 from tritongpt.fileio import DownloadError, remove_stale_temp_files, writable_directory
 from model import GPT, SWITCHES, GPTConfig
 from tritongpt.optim import build_optimizer, set_lr
-from tritongpt.select_impl import choose_impls
+from tritongpt.impls import choose_impls
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on OpenWebText, as in nanoGPT

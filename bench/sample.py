@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from bench import common  # noqa: E402
 from tritongpt.configurator import autocast  # noqa: E402
+from tritongpt.impls import choose_impls  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 PROMPT_LEN = 1
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     for model_name, model_config_ in (("learned", config), ("rope", replace(config, pos_embedding="rope"))):
         torch.manual_seed(0)
         model = GPT(model_config_).to(device).eval()
+        choose_impls(model, 1, device, getattr(torch, dtype), measure=False, log=lambda line: None)  # as sample.py
         cases = methods(refills, rope=model_name == "rope")
         for kwargs in cases.values():
             generate(model, 16, kwargs, device, ctx)  # warm-up: first calls allocate, and compile Triton kernels

@@ -383,15 +383,17 @@ def test_flex_attention_takes_the_same_mask(switches):
 
 
 def test_flex_is_refused_where_it_cannot_train():
+    from tritongpt.impls import choose_impls
+
     model = GPT(GPTConfig(**{**vars(MODEL), "doc_token": EOT}), "flex", "torch")
     with pytest.raises(ValueError, match=r"attn_impl='flex' \(FlexAttention\) trains on CUDA only"):
-        model(torch.zeros(1, 8, dtype=torch.long))
+        choose_impls(model, 1, "cpu", torch.float32)
 
 
 def test_auto_measures_the_kernel_with_the_runs_mask():
     """choose_impls on a masked model: both candidates run under documents and the window (checked against
     each other), and the log says so."""
-    from tritongpt.select_impl import choose_impls
+    from tritongpt.impls import choose_impls
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**vars(MODEL), "doc_token": EOT, "attn_window": 12}), "auto", "torch").to(DEVICE)

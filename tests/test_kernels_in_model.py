@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import model as model_module
 from conftest import HAS_CUDA, KERNEL_DEVICE
 from model import GPT, GPTConfig
+from tritongpt.impls import static_choice
 
 CONFIG = GPTConfig(block_size=40, vocab_size=67, n_layer=2, n_head=2, n_embd=48, dropout=0.0, bias=True)
 
@@ -39,21 +39,21 @@ def test_mixed_impls_agree():
 
 
 def test_auto_never_picks_the_interpreter_on_cpu():
-    cpu = torch.device("cpu")
-    assert model_module.resolve_attn_impl("auto", 16, torch.float32, cpu) == "sdpa"
-    assert model_module.resolve_ln_impl("auto", torch.float32, cpu) == "torch"
-
-
-def test_the_choice_is_resolved_once_per_device(monkeypatch):
-    """Resolved at the first forward on a device, then reused: a forward does not ask again."""
     model = GPT(CONFIG, "auto", "auto")
+    assert static_choice(model, torch.device("cpu"), torch.float32) == ("sdpa", "torch", "torch")
+
+
+def test_the_model_runs_what_set_impl_says_without_resolving(monkeypatch):
+    """`auto` runs PyTorch's until choose_impls picks; a forward never asks impls.py again."""
+    from tritongpt import impls
+
+    model = GPT(CONFIG, "auto", "auto")
+    monkeypatch.setattr(impls, "static_choice", lambda *a: pytest.fail("resolved"))
     x = torch.randint(0, CONFIG.vocab_size, (1, 8))
     model(x)
-    assert (model.resolved_attn_impl, model.resolved_ln_impl) == ("sdpa", "torch")
+    assert model.running == ("sdpa", "torch", "torch") and model.requested == ("auto", "auto", "auto")
     assert {m.impl for m in model.modules() if hasattr(m, "impl")} == {"sdpa", "torch"}
-    monkeypatch.setattr(model_module, "resolve_attn_impl", lambda *a: pytest.fail("resolved again"))
-    model(x)
-    model.use_impl("eager", "torch", "cpu")  # a measured choice is kept too
+    model.set_impl("eager", "torch", "torch")  # a measured choice, say
     model(x)
     assert {m.impl for m in model.modules() if hasattr(m, "impl")} == {"eager", "torch"}
 
@@ -69,9 +69,9 @@ def test_triton_decoding_says_once_that_sdpa_runs_the_single_token_steps(capsys)
 @pytest.mark.gpu
 def test_auto_picks_triton_on_cuda_where_supported():
     cuda = torch.device("cuda", torch.cuda.current_device())
-    assert model_module.resolve_attn_impl("auto", 64, torch.bfloat16, cuda) == "triton"
-    assert model_module.resolve_ln_impl("auto", torch.bfloat16, cuda) == "triton"
-    assert model_module.resolve_attn_impl("auto", 256, torch.bfloat16, cuda) == "sdpa"  # beyond the kernel's 128
+    assert static_choice(GPT(CONFIG), cuda, torch.bfloat16)[:2] == ("triton", "triton")
+    wide = GPTConfig(**{**vars(CONFIG), "n_embd": 256, "n_head": 1})  # a head of 256: beyond the kernel's 128
+    assert static_choice(GPT(wide), cuda, torch.bfloat16)[0] == "sdpa"
 
 
 @pytest.mark.gpu

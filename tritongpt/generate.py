@@ -7,6 +7,7 @@ about decoding.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -130,6 +131,10 @@ def generate_stream(
     if refill is not None and not 0 < refill < block_size:
         raise ValueError(f"refill must be between 1 and block_size - 1 ({block_size - 1}), got {refill}")
     cache = KVCache(model.config, rolling) if use_cache else None
+    if cache is not None and model.running.attn == "triton" and not model.told_about_decoding:
+        model.told_about_decoding = True  # once per choice of implementations
+        print("attn_impl='triton': the single-token decoding steps run SDPA (the kernel is for whole blocks)",
+              file=sys.stderr)
     for _ in range(max_new_tokens):
         if cache is not None and 0 < cache.length and (cache.length < block_size or rolling):
             logits, _ = model(idx[:, -1:], cache=cache)

@@ -1,4 +1,4 @@
-"""select_impl.choose_impls: the checks and the choice, with injected timings, where the kernels run: on the GPU
+"""impls.choose_impls: the checks and the choice, with injected timings, where the kernels run: on the GPU
 when there is one, else on the CPU under Triton's interpreter (conftest.KERNEL_DEVICE)."""
 import os
 import re
@@ -11,9 +11,8 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from conftest import KERNEL_DEVICE, REPO
-from tritongpt.impls import sdpa_backend
 from model import GPT, GPTConfig, kernels_module
-from tritongpt.select_impl import choose_impls, make_timer
+from tritongpt.impls import choose_impls, make_timer, sdpa_backend
 
 CONFIG = {"block_size": 32, "vocab_size": 65, "n_layer": 1, "n_head": 2, "n_embd": 32, "dropout": 0.0}
 BATCH = 2
@@ -91,7 +90,7 @@ def test_the_faster_is_chosen_for_each(attn_ms, ln_ms, expected, bias):
     timer = timings(*attn_ms, *ln_ms)
     choice, lines = choose(model, timer=timer)
     assert choice == expected
-    assert (model.resolved_attn_impl, model.resolved_ln_impl) == expected
+    assert (model.running.attn, model.running.ln) == expected
     assert model.transformer.h[0].attn.impl == expected[0]
     block = model.transformer.h[0]
     assert {block.ln_1.impl, block.ln_2.impl, model.transformer.ln_f.impl} == {expected[1]}
@@ -179,7 +178,7 @@ def test_a_kernel_that_fails_is_not_chosen(monkeypatch):
 def test_forced_impls_are_applied_without_measuring(attn_impl, ln_impl):
     model = tiny_model(attn_impl, ln_impl)
     choice, lines = choose(model, timer=never_called)
-    assert choice == (attn_impl, ln_impl) == (model.resolved_attn_impl, model.resolved_ln_impl)
+    assert choice == (attn_impl, ln_impl) == (model.running.attn, model.running.ln)
     assert impls_in_layers(model) == {attn_impl, ln_impl}
     assert lines == []
 
@@ -193,14 +192,14 @@ def test_auto_on_cpu_stays_pytorchs_unless_asked_to_measure(measure):
 
 
 def test_the_model_runs_the_choice_without_resolving_again(monkeypatch):
+    """Once chosen, the model runs the choice: its forward asks nothing of impls.py."""
     model = tiny_model()
     choose(model, timer=timings(attn_triton=1.0, ln_triton=1.0))
     calls = count_calls(monkeypatch, kernels_module(), ["flash_attention", "layer_norm"])
+    from tritongpt import impls
 
-    def no_resolving(*args, **kwargs):
-        raise AssertionError("resolve_impl was called again")
-
-    monkeypatch.setattr(GPT, "resolve_impl", no_resolving)
+    for name in ("choose_impls", "static_choice"):
+        monkeypatch.setattr(impls, name, lambda *args, **kwargs: pytest.fail("resolved again"))
     idx = torch.randint(0, CONFIG["vocab_size"], (BATCH, CONFIG["block_size"]), device=KERNEL_DEVICE)
     _, loss = model(idx, idx)
     loss.backward()
@@ -252,7 +251,7 @@ def broadcasts(monkeypatch):
 def test_rank_0_measures_and_broadcasts_its_choice(one_process_group, broadcasts):
     model = tiny_model()
     choice, lines = choose(model, timer=timings(attn_triton=1.0, ln_torch=1.0))
-    assert choice == ("triton", "torch") == (model.resolved_attn_impl, model.resolved_ln_impl)
+    assert choice == ("triton", "torch") == (model.running.attn, model.running.ln)
     assert broadcasts == [(["triton", "torch", "torch"], 0)]  # and the loss's (ce_impl='torch' here)
     assert len(lines) == 2
 
@@ -289,8 +288,8 @@ def test_other_ranks_apply_rank_0s_choice_without_measuring_or_logging(monkeypat
     pretend_to_be_rank_1(monkeypatch, ["triton", "triton", "triton"])
     model = tiny_model(ce_impl="auto")
     choice, lines = choose(model, timer=never_called)
-    assert choice == ("triton", "triton") == (model.resolved_attn_impl, model.resolved_ln_impl)
-    assert model.resolved_ce_impl == "triton"
+    assert choice == ("triton", "triton") == (model.running.attn, model.running.ln)
+    assert model.running.ce == "triton"
     assert impls_in_layers(model) == {"triton"}
     assert lines == []
 
@@ -302,7 +301,7 @@ def test_other_ranks_raise_when_rank_0_failed(monkeypatch):
 
 
 def test_importing_needs_neither_the_kernels_nor_triton():
-    code = "import sys; from tritongpt import select_impl; assert not {'kernels', 'triton'} & set(sys.modules), sys.modules.keys()"
+    code = "import sys; from tritongpt import impls; assert not {'kernels', 'triton'} & set(sys.modules), sys.modules.keys()"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env={**os.environ, "TRITON_INTERPRET": "0"})
 
 
@@ -313,7 +312,7 @@ def test_the_fused_cross_entropy_is_measured_too(ce_ms, expected):
     model = tiny_model("sdpa", "torch", ce_impl="auto")
     timer = timings(ce_triton=ce_ms[0], ce_torch=ce_ms[1], run=True)
     choose(model, timer=timer)
-    assert timer.calls == ["ce_impl=triton", "ce_impl=torch"] and model.resolved_ce_impl == expected
+    assert timer.calls == ["ce_impl=triton", "ce_impl=torch"] and model.running.ce == expected
 
 
 def test_a_fused_cross_entropy_that_disagrees_is_not_chosen(monkeypatch):
@@ -323,7 +322,7 @@ def test_a_fused_cross_entropy_that_disagrees_is_not_chosen(monkeypatch):
     wrong = kernels.linear_cross_entropy
     monkeypatch.setattr(kernels, "linear_cross_entropy", lambda x, w, t, cap: wrong(x, w, t, cap) * 1.01)
     choice, lines = choose(model, timer=timings(ce_triton=0.1))
-    assert model.resolved_ce_impl == "torch" and "ce_impl=auto: triton disagrees: its loss" in lines[0]
+    assert model.running.ce == "torch" and "ce_impl=auto: triton disagrees: its loss" in lines[0]
 
 
 @pytest.mark.parametrize("causal", [True, False])
