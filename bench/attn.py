@@ -5,7 +5,7 @@ and than what PyTorch ships?
     python bench/attn.py --dtype=float16 --causal=yes --mode fwd+bwd --out bench/results
     python bench/attn.py --quick                          # a few seconds, on CPU too
 
-Implementations: `eager` (q @ k^T, mask, softmax, @ v: model.attention's 'eager'), `sdpa`
+Implementations: `eager` (q @ k^T, mask, softmax, @ v: ops.attention's 'eager'), `sdpa`
 (F.scaled_dot_product_attention as a user gets it: PyTorch's choice of backend, named in each row's note;
 on an H100/H200 with torch 2.11 that is cuDNN), `sdpa_flash` and `sdpa_cudnn` (SDPA restricted to its
 FlashAttention-2 or its cuDNN backend, where they run), `flex` (torch.nn.attention.flex_attention,
@@ -19,7 +19,7 @@ Without CUDA the sweep is smaller (T up to 1024, 2048 tokens) and the Triton row
 Then the masked rows (--masks no skips them): causal attention restricted to documents and/or a sliding
 window, at T=8192 on a GPU (512 on CPU), with document lengths drawn from data/python_stdlib's files when
 that corpus is there (bench/documents.py makes it), else around 1k tokens. `eager` and `sdpa` take the
-mask spelled out (model.attention's path), `flex` a block mask, `triton` the documents and window
+mask spelled out (ops.attention's path), `flex` a block mask, `triton` the documents and window
 themselves; tiles_pct is the share of the causal forward's 128x64 tiles that the mask leaves non-empty,
 the work the Triton kernel and FlexAttention do (arithmetic; tests/test_attention_masks.py checks that the
 kernel loads exactly those).
@@ -38,9 +38,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-import model  # noqa: E402
 from tritongpt.impls import sdpa_backend  # noqa: E402
-from model import AttentionMask, document_bounds  # noqa: E402
+from tritongpt import ops  # noqa: E402
+from tritongpt.ops import AttentionMask, document_bounds  # noqa: E402
 from bench import common  # noqa: E402
 
 IMPLS = ("eager", "sdpa", "sdpa_flash", "sdpa_cudnn", "flex", "triton")
@@ -77,8 +77,8 @@ def attention_shapes(seq_lens: list[int], tokens: int) -> list[tuple[int, int]]:
 def eager(q, k, v, causal: bool):
     """What people write by hand: the whole T x T score matrix, masked, softmaxed, times v."""
     if causal:
-        return model.attention(q, k, v, "eager", 0.0)
-    # model.attention is causal only; this is its eager path without the mask
+        return ops.attention(q, k, v, "eager", 0.0)
+    # ops.attention is causal only; this is its eager path without the mask
     return F.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1))), dim=-1) @ v
 
 
@@ -94,31 +94,18 @@ def sdpa_with(backend: SDPBackend):
     return restricted
 
 
-@functools.cache
-def causal_block_mask(seq_len: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    return create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, seq_len, seq_len, device=device)
-
-
-@functools.cache
-def compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
 def flex(q, k, v, causal: bool):
-    """PyTorch's own block-sparse attention: compiled FlexAttention, skipping the masked half when causal."""
-    return compiled_flex()(q, k, v, block_mask=causal_block_mask(q.size(-2), str(q.device)) if causal else None)
+    """PyTorch's own block-sparse attention: compiled FlexAttention, skipping the masked half (causal only)."""
+    return ops.attention(q, k, v, "flex", 0.0)
 
 
-def implementations(names: list[str], device: str) -> dict:
+def implementations(names: list[str], device: str, causal: bool = True) -> dict:
     fns = {"eager": eager, "sdpa": sdpa, **{name: sdpa_with(backend) for name, backend in SDPA_BACKENDS.items()}}
     if device.startswith("cuda"):
         from kernels.flash_attention import flash_attention  # imported here: runs without CUDA need no Triton
 
-        fns["flex"] = flex
+        if causal:
+            fns["flex"] = flex
         fns["triton"] = lambda q, k, v, causal: flash_attention(q, k, v, causal=causal)
     return {name: fns[name] for name in names if name in fns}
 
@@ -218,27 +205,12 @@ def mask_cases(batch: int, seq_len: int, device: str) -> list[tuple[str, Attenti
             (f"documents + window {large // 2}", AttentionMask(documents.starts, documents.ends, large // 2))]
 
 
-def flex_block_mask(mask: AttentionMask, batch: int, seq_len: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def visible(b, h, q_idx, kv_idx):
-        seen = kv_idx <= q_idx
-        if mask.starts is not None:
-            seen = seen & (kv_idx >= mask.starts[b, q_idx])
-        if mask.window:
-            seen = seen & (q_idx - kv_idx < mask.window)
-        return seen
-
-    return create_block_mask(visible, batch if mask.starts is not None else None, None, seq_len, seq_len, device=device)
-
-
 def masked_implementations(names: list[str], mask: AttentionMask, batch: int, seq_len: int, device: str) -> dict:
-    """Each implementation under the mask: the model's own path (model.attention) for ours and PyTorch's."""
-    fns = {name: functools.partial(model.attention, impl=name, dropout_p=0.0, mask=mask) for name in ("eager", "sdpa")}
+    """Each implementation under the mask: the model's own path (ops.attention) for ours and PyTorch's."""
+    fns = {name: functools.partial(ops.attention, impl=name, dropout_p=0.0, mask=mask) for name in ("eager", "sdpa")}
     if device.startswith("cuda"):
-        block_mask = flex_block_mask(mask, batch, seq_len, device)
-        fns["flex"] = lambda q, k, v: compiled_flex()(q, k, v, block_mask=block_mask)
-        fns["triton"] = functools.partial(model.attention, impl="triton", dropout_p=0.0, mask=mask)
+        for name in ("flex", "triton"):
+            fns[name] = functools.partial(ops.attention, impl=name, dropout_p=0.0, mask=mask)
     return {name: fns[name] for name in names if name in fns}
 
 
@@ -265,7 +237,7 @@ def bench_masked(names: list[str], batch: int, seq_len: int, heads: int, head_di
     for label, mask in mask_cases(batch, seq_len, device):
         print(f"D={head_dim} B={batch} T={seq_len} {label}", file=sys.stderr, flush=True)
         inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
-        out = model.attention(*inputs, "sdpa", 0.0, mask)
+        out = ops.attention(*inputs, "sdpa", 0.0, mask)
         ref_out, ref_grads = out.detach(), torch.autograd.grad(out, inputs, grad_out.float())
         tiles_pct = 100 * visible_share(mask, seq_len, TILE)
         pairs = visible_share(mask, seq_len) * batch * seq_len * (seq_len + 1) / 2
@@ -306,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     causals = {"both": (True, False), "yes": (True,), "no": (False,)}[args.causal]
     impls = implementations(args.impl, device)
     notes = []
-    why_not = {"flex": "FlexAttention needs a CUDA GPU here (it has no backward on CPU)",
+    why_not = {"flex": "FlexAttention needs a CUDA GPU here (it has no backward on CPU); causal rows only",
                "triton": "the Triton kernels need a CUDA GPU"}
     for name, why in why_not.items():
         if name in args.impl and name not in impls:
@@ -323,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         for causal in causals:
             for batch, seq_len in attention_shapes(seq_lens, tokens):
                 print(f"D={head_dim} causal={causal} B={batch} T={seq_len}", file=sys.stderr, flush=True)
-                runnable = {name: fn for name, fn in impls.items() if head_dim in backends.get(name, [head_dim])}
+                runnable = {name: fn for name, fn in implementations(args.impl, device, causal).items()
+                            if head_dim in backends.get(name, [head_dim])}
                 rows += bench_shape(runnable, batch, seq_len, WIDTH // head_dim, head_dim, causal, args.mode, device,
                                     dtype, REP_MS[size])
                 common.free_memory()

@@ -19,7 +19,7 @@ import torch
 
 from conftest import KERNEL_DEVICE, REPO
 from kernels.flash_attention import dropout_mask, flash_attention
-from test_flash_attention import GPU_TILINGS, assert_flash_rule, assert_matches, forward_backward, max_err, randn
+from test_flash_attention import GPU_TILINGS, assert_flash_rule, assert_matches, forward_backward, randn
 
 DEVICE = KERNEL_DEVICE
 
@@ -251,7 +251,8 @@ def test_only_the_tiles_the_mask_leaves_non_empty_are_loaded(lengths, window):
 # The model: documents from the tokens, every implementation alike, positions, the KV cache
 
 from tritongpt.generate import KVCache  # noqa: E402
-from model import GPT, GPTConfig, document_bounds  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from tritongpt.ops import document_bounds  # noqa: E402
 
 EOT = 3  # the document token of these tiny vocabularies
 MODEL = GPTConfig(block_size=40, vocab_size=13, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
@@ -368,7 +369,7 @@ def test_a_checkpoint_records_the_switches_and_rebuilds_them():
 def test_flex_attention_takes_the_same_mask(switches):
     """attn_impl='flex': FlexAttention with a block mask of the documents and window (forward here: PyTorch has
     its backward on CUDA only) gives SDPA's output."""
-    from model import attention
+    from tritongpt.ops import attention
 
     x = tokens_with_documents(2, 40, seed=4)
     model = GPT(GPTConfig(**{**vars(MODEL), **switches}), "sdpa", "torch")

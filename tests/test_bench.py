@@ -296,7 +296,7 @@ def test_a_part_past_its_limit_is_stopped_with_all_its_processes(tmp_path):
 
 def test_the_masked_attention_rows_count_what_the_mask_leaves():
     """tiles_pct and the visible share, against counting by hand: two documents of 8 in a row of 16 (4x4 tiles)."""
-    from model import AttentionMask
+    from tritongpt.ops import AttentionMask
 
     starts = torch.tensor([[0] * 8 + [8] * 8])
     ends = torch.tensor([[8] * 8 + [16] * 8])

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from conftest import KERNEL_DEVICE, REPO
-from model import GPT, GPTConfig, kernels_module
+from model import GPT, GPTConfig
+from tritongpt.ops import kernels_module
 from tritongpt.impls import choose_impls, make_timer, sdpa_backend
 
 CONFIG = {"block_size": 32, "vocab_size": 65, "n_layer": 1, "n_head": 2, "n_embd": 32, "dropout": 0.0}

@@ -15,7 +15,8 @@ import torch
 from torch.nn import functional as F
 
 if TYPE_CHECKING:  # annotations only: model.py generates with this module
-    from model import GPT, AttentionMask, GPTConfig
+    from model import GPT, GPTConfig
+    from tritongpt.ops import AttentionMask
 
 # -----------------------------------------------------------------------------
 # The KV cache

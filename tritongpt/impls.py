@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend
 
-from model import GPT, PYTORCH_IMPLS, AttentionMask, Impls, LayerNorm, attention, document_bounds, kernels_module
+from model import GPT, PYTORCH_IMPLS, Impls, LayerNorm
+from tritongpt.ops import AttentionMask, attention, document_bounds, kernels_module
 
 # timer(name, fn) -> milliseconds that fn takes; name is the candidate, e.g. "attn_impl=triton" or
 # "ln_impl=torch", so that tests can answer per candidate without relying on the order of the calls.
