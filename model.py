@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from tritongpt import hf
 from tritongpt.ops import AttentionMask, attention, document_bounds, kernels_module
 from tritongpt.generate import KVCache, LayerCache, generate_stream
+from tritongpt.metrics import mfu_per_gpu
 from tritongpt.optim import build_optimizer
 
 
@@ -377,10 +378,7 @@ class GPT(nn.Module):
 
     def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float | None) -> float | None:
         """Model FLOPs utilization: achieved FLOP/s over the device's peak (None when the peak is unknown)."""
-        if peak_flops is None or dt <= 0:
-            return None
-        flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
-        return flops_per_iter / dt / peak_flops
+        return mfu_per_gpu(self.flops_per_token() * self.config.block_size, fwdbwd_per_iter, dt, peak_flops)
 
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, **kwargs) -> Iterator[torch.Tensor]:

@@ -1,36 +1,18 @@
 """
-Train a GPT: on one CPU or GPU,
+Train a GPT, with nanoGPT's config keys, command lines, data files and checkpoints: on one CPU or GPU,
 
 $ python train.py config/shakespeare.py --batch_size=32
 
-or with DDP on several GPUs of one node (or several CPU processes, with gloo),
+on several GPUs or nodes with DDP, FSDP2 (--parallel=fsdp), tensor and pipeline parallelism
+(--tensor_parallel=2 --pipeline_parallel=2; data parallel over the rest),
 
-$ torchrun --standalone --nproc_per_node=8 train.py config/shakespeare.py
+$ torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py --parallel=fsdp
 
-or with FSDP2, which shards the parameters, gradients and optimizer state across the GPUs, for models whose
-training state does not fit on one (e.g. finetuning gpt2-xl),
-
-$ torchrun --standalone --nproc_per_node=8 train.py config/finetune_shakespeare.py --parallel=fsdp
-
-with tensor parallelism (each layer split across 2 processes) and pipeline parallelism (the layers split
-into 2 stages), data parallel over the rest (here 2 x 2 x 2),
-
-$ torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py --tensor_parallel=2 --pipeline_parallel=2
-
-and across nodes (the same command on each; the rendezvous endpoint is a host:port of the first node):
-
-$ torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.1:29500 --rdzv-id=run1 train.py
-
-FSDP, tensor- and pipeline-parallel checkpoints are sharded (out_dir/ckpt_dcp/); sample.py and a resume on
-any layout read them as they are, and this writes them as one out_dir/ckpt.pt in nanoGPT's format:
-
-$ python train.py --out_dir=out --consolidate=True
-
-SIGTERM or Ctrl-C saves a checkpoint after the current step, then exits; `--init_from=resume` continues.
-Under `torchrun --max-restarts=N`, restarted workers resume from the latest checkpoint by themselves.
-docs/ has the details. The config keys, defaults, command lines, data files and checkpoints are nanoGPT's;
-the run-time parts (schedule, step, evaluation, checkpoints, processes, layouts) are functions in tritongpt/: loop.py,
-distributed.py, checkpoint.py, metrics.py, parallelism.py and pipeline.py.
+and `--consolidate=True` writes a sharded checkpoint (out_dir/ckpt_dcp/) as one nanoGPT ckpt.pt. SIGTERM or
+Ctrl-C saves a checkpoint after the current step; `--init_from=resume` continues (and torchrun's restarted
+workers do so by themselves). docs/scaling.md has the layouts, nodes and checkpoints. The parts are
+functions in tritongpt/: run.py (the model at the start and in its layout), loop.py (the step, evaluation,
+early stopping), optim.py, data.py, checkpoint.py, distributed.py and metrics.py.
 """
 import math
 import os
@@ -38,21 +20,14 @@ import sys
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
+from model import GPT
 from tritongpt import checkpoint as ckpt
-from tritongpt import metrics
-from tritongpt import parallelism
-from tritongpt import pipeline
-from tritongpt import data
-from tritongpt import distributed
-from tritongpt import loop
-from tritongpt import optim
-from tritongpt.configurator import autocast, configure, error_boundary, resolve_compile, resolve_device, resolve_dtype
+from tritongpt import data, distributed, loop, metrics, optim, parallelism, run
+from tritongpt.configurator import (UserError, autocast, configure, error_boundary, resolve_compile, resolve_device,
+                                    resolve_dtype)
 from tritongpt.data import TokenSplit, load_meta
-from tritongpt.fileio import DownloadError, remove_stale_temp_files, writable_directory
-from model import GPT, SWITCHES, GPTConfig
-from tritongpt.optim import build_optimizer, set_lr
+from tritongpt.fileio import remove_stale_temp_files, writable_directory
 from tritongpt.impls import choose_impls
 
 # -----------------------------------------------------------------------------
@@ -132,39 +107,22 @@ given_keys: set[str] = set()  # the keys a config file or flag set: some cannot 
 config = configure(globals(), given=given_keys)
 # -----------------------------------------------------------------------------
 
-
-def fail(message: str) -> None:
-    raise SystemExit(f"error: {message}")
-
-
-def make_optimizer(model: GPT) -> torch.optim.Optimizer:
-    return build_optimizer(model, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type, muon_lr,
-                           muon_momentum)
-
-
-device_type = resolve_device(device).split(":")[0]
 if consolidate:
-    try:
-        for path in ckpt.consolidate(out_dir, make_optimizer):
-            print(f"wrote {path}")
-    except ckpt.CheckpointError as error:
-        fail(str(error))
+    device_type = resolve_device(device).split(":")[0]
+    for path in ckpt.consolidate(out_dir, lambda model: optim.optimizer_for(model, config, device_type)):
+        print(f"wrote {path}")
     raise SystemExit
 
 # processes and devices
 if parallel == "fsdp" and "RANK" not in os.environ:
-    fail("--parallel=fsdp shards the model across processes; run under torchrun, e.g. "
-         "torchrun --standalone --nproc_per_node=8 train.py ... --parallel=fsdp")
+    raise UserError("--parallel=fsdp shards the model across processes; run under torchrun, e.g. "
+                    "torchrun --standalone --nproc_per_node=8 train.py ... --parallel=fsdp")
 dist = distributed.setup_distributed(resolve_device(device), backend)
-fsdp = parallel == "fsdp"
 master_process = dist.master
-try:
-    layout = parallelism.plan_layout(dist.world_size, dist.rank, tensor_parallel, pipeline_parallel)
-    # the ranks of one model replica (tensor, pipeline) compute the same micro-batches: the batch splits over
-    # data ranks, and a pipeline's micro-batches are these
-    accumulation = distributed.per_rank_accumulation(gradient_accumulation_steps, layout.data)
-except ValueError as error:
-    fail(str(error))
+layout = parallelism.plan_layout(dist.world_size, dist.rank, tensor_parallel, pipeline_parallel)
+# the ranks of one model replica (tensor, pipeline) compute the same micro-batches: the batch splits over data
+# ranks, and a pipeline's micro-batches are these
+accumulation = distributed.per_rank_accumulation(gradient_accumulation_steps, layout.data)
 device, device_type = dist.device, dist.device.type
 dtype = resolve_dtype(dtype, str(device))
 compile = resolve_compile(compile, str(device))
@@ -184,124 +142,47 @@ ctx = autocast(str(device), dtype)
 
 # data
 data_dir = data_dir or os.path.join("data", dataset)
-try:
-    meta = load_meta(data_dir)
-except ValueError as error:
-    fail(str(error))
+meta = load_meta(data_dir)
 meta_vocab_size = meta["vocab_size"] if meta else None
 if meta_vocab_size is not None and master_process:
     print(f"found vocab_size = {meta_vocab_size} (inside {data_dir}'s meta file)")
 
-# model
-iter_num, best_val_loss, evals_since_best = 0, float("inf"), 0
-checkpoint = None
-try:
-    if dist.restart_count > 0 and ckpt.find(out_dir, latest=True) is not None:
-        init_from = "resume"  # torchrun restarted the workers after a failure: carry on from the last checkpoint
-    torch.manual_seed(seed)  # the same initial weights on every rank: FSDP shards them where they are
-    if init_from == "scratch":
-        vocab_size = meta_vocab_size if meta_vocab_size is not None else 50304
-        model_config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                                 n_embd=n_embd, dropout=dropout, bias=bias, **{k: config[k] for k in SWITCHES})
-        model = GPT(model_config, attn_impl, ln_impl)
-    elif init_from == "resume":
-        # the architecture comes from the checkpoint; dropout may be changed on resume
-        checkpoint = ckpt.require(out_dir, latest=True)
-        model = ckpt.build_model(checkpoint, attn_impl, ln_impl, dropout=dropout, load_weights=False)
-        iter_num, best_val_loss = checkpoint.iter_num, checkpoint.state["best_val_loss"]
-        evals_since_best = checkpoint.state.get("evals_since_best", 0)
-        if master_process:
-            # after an elastic restart, the iterations since the checkpoint run (and are logged) again
-            restarted = f", restart {dist.restart_count}" if dist.restart_count else ""
-            print(f"resuming from {checkpoint.path} at iter {iter_num}{restarted}")
-            metrics.log_metrics(out_dir, {"iter": iter_num, "event": "resume", "restart": dist.restart_count})
-    else:
-        model = GPT.from_pretrained(init_from, dict(dropout=dropout), attn_impl=attn_impl, ln_impl=ln_impl)
-    if init_from != "scratch":
-        source = checkpoint.path if checkpoint is not None else f"init_from={init_from!r}"
-        config = ckpt.keep_architecture(model.config, config, given_keys, source)
-except (ckpt.CheckpointError, DownloadError, ValueError, FileNotFoundError) as error:
-    fail(str(error))
-if block_size < model.config.block_size:
-    model.crop_block_size(block_size)
-elif block_size > model.config.block_size:
-    fail(f"block_size={block_size} is larger than the model's {model.config.block_size}")
-if layout.model_parallel > 1:
-    if ce_impl == "triton":
-        fail("ce_impl='triton' needs the whole lm_head in one process: tensor and pipeline parallel runs take the "
-             "loss of the lm_head's logits; use ce_impl='auto' or 'torch'")
-    ce_impl = "torch"
-model.set_impl(attn_impl, ln_impl, ce_impl)
-try:
-    parallelism.check_tensor_parallel(model.config, layout.tensor, device_type, optimizer, dtype)
-    pipeline.check_pipeline(model.config, layout, pipeline_schedule, pipeline_stages_per_rank, accumulation, dtype)
-except ValueError as error:
-    fail(str(error))
+# the model, in its layout
+torch.manual_seed(seed)  # the same initial weights on every rank: FSDP shards them where they are
+start = run.start_model(config, given_keys, meta_vocab_size, restarted=dist.restart_count > 0)
+config, init_from, iter_num = start.config, start.init_from, start.iter_num
+if start.checkpoint is not None and master_process:
+    # after an elastic restart, the iterations since the checkpoint run (and are logged) again
+    restarted = f", restart {dist.restart_count}" if dist.restart_count else ""
+    print(f"resuming from {start.checkpoint.path} at iter {iter_num}{restarted}")
+    metrics.log_metrics(out_dir, {"iter": iter_num, "event": "resume", "restart": dist.restart_count})
+model = start.model
+model.set_impl(attn_impl, ln_impl, run.check_layout(model, config, layout, accumulation, dtype, device_type))
 flops_per_sequence = model.flops_per_token() * model.config.block_size  # the whole model's, for the MFU
-stages = [model]  # what data parallelism wraps: the model, or this rank's pipeline stages
-if layout.pipeline > 1:
-    # every rank built the whole model (alike, from the seed) on the CPU; only its stages go to the device
-    model, stages = pipeline.split_model(model, layout, pipeline_schedule, pipeline_stages_per_rank)
-model.to(device)
+model, stages = run.place(model, layout, config, device)
 # dropout differs per data rank; the ranks of a tensor group hold the same activations, so draw the same masks
 torch.manual_seed(seed + layout.data_rank)
-try:
-    splits = {split: TokenSplit(data_dir, split, dataset, model.config.vocab_size) for split in ("train", "val")}
-    for split in splits.values():
-        split.windows(block_size)  # a split too small for one window: now, not at the first eval
-except (FileNotFoundError, ValueError) as error:
-    fail(str(error))
+splits = {split: TokenSplit(data_dir, split, dataset, model.config.vocab_size) for split in ("train", "val")}
+for split in splits.values():
+    split.windows(block_size)  # a split too small for one window: now, not at the first eval
 batches = data.Batches(splits, batch_size, block_size, device, seed)
-
 # the attention and norm implementations, chosen before compiling and sharding (under FSDP's engine the
 # residual stream, so the norms' input, is in the mixed-precision dtype)
-fsdp_engine = fsdp or (layout.model_parallel > 1 and layout.data > 1)
+fsdp_engine = parallel == "fsdp" or (layout.model_parallel > 1 and layout.data > 1)
 choose_impls(model, batch_size, device, getattr(torch, dtype), ln_dtype=getattr(torch, dtype) if fsdp_engine else None)
-mesh = parallelism.build_mesh(layout, device_type) if dist.enabled else None
-if layout.tensor > 1:
-    parallelism.apply_tensor_parallel(model, mesh["tensor"])
-if fsdp_engine:
-    for stage in stages:
-        parallelism.apply_data_parallel(stage, parallelism.blocks_of(model) if stage is model else list(stage.blocks),
-                                        mesh["data"], parallel, dtype)
-    pipeline.retie(model)
-sharded = fsdp or layout.model_parallel > 1  # checkpoints in DCP's sharded form
-data_group = mesh["data"].get_group() if layout.data > 1 and layout.model_parallel > 1 else None
+run_model = run.parallelize(model, stages, layout, config, dtype, compile, accumulation, device, dist.local_rank,
+                            dist.enabled, print if master_process else lambda line: None)
+raw_model = run_model.raw_model
 # fp16 needs loss scaling to keep small gradients from underflowing; elsewhere the scaler is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-try:
-    opt = make_optimizer(model)
-except ValueError as error:
-    fail(str(error))
-if checkpoint is not None:
-    try:
-        ckpt.load_weights_into(checkpoint, model, opt, make_optimizer)
-    except ckpt.CheckpointError as error:
-        fail(str(error))
-    ckpt.check_finite_weights(model, checkpoint.path)
-    if checkpoint.state.get("scaler"):
-        scaler.load_state_dict(checkpoint.state["scaler"])
-    ckpt.restore_rng_states(checkpoint.state.get("rng"), device, dist.rank, dist.world_size,
-                            (layout.pipeline, layout.tensor))
-checkpoint = None  # free the memory
 
-raw_model = model  # without the compile, DDP and pipeline wrappers: what gets saved
-if compile:
-    if master_process:
-        print("compiling the model... (takes a ~minute)")
-    if layout.pipeline > 1:
-        for block in parallelism.blocks_of(model):  # the stages' own code runs between the blocks
-            block.compile()
-    else:
-        model = torch.compile(model)
-pipe = None
-if layout.pipeline > 1:
-    pipe = model = pipeline.Pipeline(raw_model, stages, layout, mesh, pipeline_schedule, accumulation, device)
-    if master_process:
-        print(pipeline.describe(pipeline_schedule, layout, accumulation, len(stages), raw_model.config.n_layer))
-if dist.enabled and not fsdp_engine and layout.model_parallel == 1:
-    model = DDP(model, device_ids=[dist.local_rank] if device_type == "cuda" else None)
-sync_gradients = loop.gradient_sync_switch(model, raw_model)
+
+def make_optimizer(model: GPT) -> torch.optim.Optimizer:
+    return optim.optimizer_for(model, config, device_type)
+
+
+opt = make_optimizer(raw_model)
+run.load_checkpoint(start, raw_model, opt, make_optimizer, scaler, device, dist.rank, dist.world_size, layout)
 
 if wandb_log and master_process:
     import wandb
@@ -314,7 +195,7 @@ def save_checkpoint(latest: bool) -> None:
     state = ckpt.train_state(raw_model, iter_num, early_stopping.best, config, scaler.state_dict(),
                              ckpt.gather_rng_states(device, dist.world_size, (layout.pipeline, layout.tensor)),
                              early_stopping.evals_since_best)
-    path = ckpt.save(out_dir, latest, raw_model, opt, state, sharded, master_process)
+    path = ckpt.save(out_dir, latest, raw_model, opt, state, run_model.sharded, master_process)
     if master_process:
         if not latest:
             ckpt.remove_latest(out_dir)  # older than the one just written
@@ -327,14 +208,15 @@ def train_batch(micro_step: int) -> data.Batch:
 
 
 def stop_diverged(what: str) -> None:
-    fail(f"{what}: training diverged. Nothing more is saved, so the checkpoints in {out_dir} keep the last good "
-         "weights; lower learning_rate, raise warmup_iters or set grad_clip, then continue with --init_from=resume "
-         "(or, if this run started from that checkpoint, start again from an earlier one or from scratch).")
+    raise UserError(f"{what}: training diverged. Nothing more is saved, so the checkpoints in {out_dir} keep the "
+                    "last good weights; lower learning_rate, raise warmup_iters or set grad_clip, then continue with "
+                    "--init_from=resume (or, if this run started from that checkpoint, start again from an earlier "
+                    "one or from scratch).")
 
 
 # -----------------------------------------------------------------------------
 # training loop
-early_stopping = loop.EarlyStopping(early_stopping_patience, best_val_loss, evals_since_best)
+early_stopping = loop.EarlyStopping(early_stopping_patience, start.best_val_loss, start.evals_since_best)
 stop_signal = distributed.StopSignal().install()
 step_timer = metrics.StepTimer()
 peak_flops = metrics.gpu_peak_flops(device, dtype)
@@ -345,7 +227,8 @@ while True:
     final = iter_num >= max_iters
     if iter_num % eval_interval == 0 or final or eval_only:
         lr = optim.get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
-        losses = loop.estimate_loss(model, batches.eval, eval_iters, ctx, layout.data_rank, layout.data, data_group)
+        losses = loop.estimate_loss(run_model.model, batches.eval, eval_iters, ctx, layout.data_rank, layout.data,
+                                    run_model.data_group)
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             if eval_only:
@@ -373,12 +256,9 @@ while True:
 
     # forward, backward, update, with gradient accumulation to simulate a larger batch
     lr = optim.get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
-    set_lr(opt, lr, learning_rate, muon_lr)
+    optim.set_lr(opt, lr, learning_rate, muon_lr)
     t0 = time.time()
-    if pipe is not None:
-        loss = pipeline.train_step(pipe, opt, scaler, train_batch, accumulation, grad_clip, ctx)
-    else:
-        loss = loop.train_step(model, opt, scaler, train_batch, accumulation, grad_clip, ctx, sync_gradients)
+    loss = run_model.train_step(opt, scaler, train_batch, accumulation, grad_clip, ctx)
 
     # timing and logging
     if iter_num % log_interval == 0 and master_process:
@@ -411,7 +291,7 @@ if iter_num == start_iter and not eval_only and master_process:
 if stopped_by_signal and master_process:
     print(f"stopped at iter {iter_num}; to continue, run the same command with --init_from=resume "
           f"(out_dir={out_dir})", file=sys.stderr)
-model = raw_model = opt = pipe = stages = None  # free FSDP's state before leaving the process group
+model = raw_model = run_model = start = opt = stages = None  # free FSDP's state before leaving the process group
 distributed.teardown_distributed(dist)
 if stopped_by_signal:
     sys.exit(stop_signal.exit_code if stop_signal.received is not None else 143)

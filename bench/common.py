@@ -8,10 +8,8 @@ import math
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
-import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tritongpt.configurator import resolve_device, resolve_dtype
+from tritongpt.metrics import synchronize, wall_ms
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,30 +39,6 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 # -----------------------------------------------------------------------------
 # Timing
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-    elif device.startswith("mps"):
-        torch.mps.synchronize()
-
-
-def wall_ms(fn: Callable[[], object], device: str, runs: int, warmup: int = 1, budget_s: float = math.inf) -> float:
-    """Median wall-clock milliseconds of fn over `runs` calls after `warmup` untimed ones, waiting for the
-    device around each call; fewer runs (one at least) once the timed ones have taken budget_s. For whole
-    loops (a training step, a generation) whose Python overhead is part of the answer, and for every
-    timing on CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    while len(times) < runs and (not times or sum(times) < budget_s):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def time_ms(fn: Callable[[], object], device: str, rep_ms: float = 100.0) -> float:

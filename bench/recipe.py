@@ -26,7 +26,7 @@ from bench import common  # noqa: E402
 from tritongpt.configurator import autocast, script_config  # noqa: E402
 from tritongpt.data import TokenSplit  # noqa: E402
 from model import GPT, SWITCHES, GPTConfig  # noqa: E402
-from tritongpt.optim import build_optimizer, set_lr  # noqa: E402
+from tritongpt.optim import optimizer_for, set_lr  # noqa: E402
 from tritongpt.data import Batches  # noqa: E402
 from tritongpt.loop import estimate_loss, train_step  # noqa: E402
 from tritongpt.optim import get_lr  # noqa: E402
@@ -65,12 +65,9 @@ def run_recipe(config: dict, budget_s: float | None, device: str, dtype: str, da
     torch.manual_seed(config["seed"])
     splits = {s: TokenSplit(data_dir, s) for s in ("train", "val")}
     vocab = 65 if data_dir.name == "shakespeare_char" else 50304
-    model_config = GPTConfig(vocab_size=vocab, **{k: config[k] for k in ("n_layer", "n_head", "n_embd", "block_size",
-                                                                        "dropout", "bias", *SWITCHES)})
-    model = GPT(model_config).to(device)
+    model = GPT(GPTConfig.from_dict({**config, "vocab_size": vocab})).to(device)
     device_type = device.split(":")[0]
-    opt = build_optimizer(model, config["optimizer"], config["learning_rate"], config["weight_decay"],
-                          (config["beta1"], config["beta2"]), device_type, config["muon_lr"], config["muon_momentum"])
+    opt = optimizer_for(model, config, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     ctx = autocast(device, dtype)
     batches = Batches(splits, config["batch_size"], config["block_size"], torch.device(device), config["seed"])

@@ -28,8 +28,8 @@ import torch  # noqa: E402
 from bench import common  # noqa: E402
 from tritongpt.configurator import autocast, script_config  # noqa: E402
 from tritongpt.metrics import gpu_peak_flops  # noqa: E402
-from model import GPT, SWITCHES, GPTConfig  # noqa: E402
-from tritongpt.optim import build_optimizer  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from tritongpt.optim import optimizer_for  # noqa: E402
 from tritongpt.loop import train_step  # noqa: E402
 
 # impl -> (attn_impl, ln_impl, ce_impl) of the model
@@ -52,8 +52,7 @@ def train_config(name: str) -> dict:
 
 
 def model_config(config: dict, vocab_size: int) -> GPTConfig:
-    keys = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", *SWITCHES)
-    return GPTConfig(vocab_size=vocab_size, **{k: config[k] for k in keys})
+    return GPTConfig.from_dict({**config, "vocab_size": vocab_size})
 
 
 def tokens_per_s(batch: int, block_size: int, ms: float) -> float:
@@ -68,9 +67,7 @@ def bench_step(config: dict, model_cfg: GPTConfig, batch: int, impl: str, use_co
     model = GPT(model_cfg).to(device)
     model.set_impl(*IMPLS[impl])
     device_type = device.split(":")[0]
-    optimizer = build_optimizer(model, config["optimizer"], config["learning_rate"], config["weight_decay"],
-                                (config["beta1"], config["beta2"]), device_type, config["muon_lr"],
-                                config["muon_momentum"])
+    optimizer = optimizer_for(model, config, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 needs loss scaling
     ctx = autocast(device, dtype)
     forward = torch.compile(model) if use_compile else model

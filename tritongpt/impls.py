@@ -12,7 +12,6 @@ lm_head's logits. Off CUDA `auto` stays PyTorch's unless measure=True (the tests
 interpreter, with injected timings).
 """
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -21,6 +20,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend
 
 from model import GPT, PYTORCH_IMPLS, Impls, LayerNorm
+from tritongpt.metrics import wall_ms
 from tritongpt.ops import AttentionMask, attention, document_bounds, kernels_module
 
 # timer(name, fn) -> milliseconds that fn takes; name is the candidate, e.g. "attn_impl=triton" or
@@ -138,14 +138,7 @@ def make_timer(device: torch.device, warmup: int = 3, repeats: int = 10) -> Time
         return statistics.median(start.elapsed_time(end) for start, end in events)
 
     def wall_timer(name: str, fn: Callable[[], None]) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        return wall_ms(fn, device, runs=repeats, warmup=warmup)
 
     return cuda_timer if device.type == "cuda" else wall_timer
 

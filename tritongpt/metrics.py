@@ -2,7 +2,10 @@
 and model FLOPs utilization (MFU) against the GPU's peak."""
 import json
 import math
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,6 +51,32 @@ def mfu_per_gpu(flops_per_sequence: float, sequences_per_rank: int, dt: float, p
     if peak_flops is None or dt <= 0:
         return None
     return flops_per_sequence * sequences_per_rank / model_parallel / dt / peak_flops
+
+
+def synchronize(device: str | torch.device) -> None:
+    device = str(device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif device.startswith("mps"):
+        torch.mps.synchronize()
+
+
+def wall_ms(fn: Callable[[], object], device: str | torch.device, runs: int, warmup: int = 1,
+            budget_s: float = math.inf) -> float:
+    """Median wall-clock milliseconds of fn over `runs` calls after `warmup` untimed ones, waiting for the
+    device around each call; fewer runs (one at least) once the timed ones have taken budget_s. For whole
+    loops (a training step, a generation) whose Python overhead is part of the answer, and for every
+    timing off CUDA (bench/ and `auto`'s choice share it)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    while len(times) < runs and (not times or sum(times) < budget_s):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def format_eta(seconds: float) -> str:

@@ -138,6 +138,13 @@ class MuonWithAdamW(torch.optim.Optimizer):
         return loss
 
 
+def optimizer_for(model: GPT, config: dict, device_type: str) -> torch.optim.Optimizer:
+    """build_optimizer with a run's config keys (train.py's: optimizer, learning_rate, weight_decay, beta1,
+    beta2, muon_lr, muon_momentum)."""
+    return build_optimizer(model, config["optimizer"], config["learning_rate"], config["weight_decay"],
+                           (config["beta1"], config["beta2"]), device_type, config["muon_lr"], config["muon_momentum"])
+
+
 def build_optimizer(model: GPT, optimizer: str, learning_rate: float, weight_decay: float,
                     betas: tuple[float, float], device_type: str, muon_lr: float = 0.02,
                     muon_momentum: float = 0.95) -> torch.optim.Optimizer:
