@@ -5,6 +5,7 @@ switched on before triton is first imported, so this happens here, ahead of ever
 """
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +29,15 @@ if (SHARED / "data").is_dir():
 
 # The device where kernel tests run: the GPU, or the CPU under the interpreter.
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    """A directory holding data/shakespeare_char, made by the real prepare script: where train.py runs."""
+    root = tmp_path_factory.mktemp("train")
+    subprocess.run([sys.executable, str(REPO / "prepare" / "shakespeare_char.py")], cwd=root, check=True,
+                   capture_output=True, timeout=300)
+    return root
 
 
 def pytest_configure(config):

@@ -24,14 +24,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="session")
-def workdir(tmp_path_factory):
-    """A directory holding data/shakespeare_char, made by the real prepare script."""
-    root = tmp_path_factory.mktemp("train")
-    subprocess.run([sys.executable, str(REPO / "prepare" / "shakespeare_char.py")], cwd=root, check=True, capture_output=True, timeout=300)
-    return root
-
-
 def run_train(cwd, *args, check=True, env=None, launcher=None):
     command = (launcher or [sys.executable]) + [str(REPO / "train.py"), *TINY, *args]
     out = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
