@@ -248,6 +248,31 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_resumes_without_repeating_finished_tri
     assert (sweep_dir / "trial_0" / "metrics.jsonl").read_text() == trial_0_metrics  # trial 0 did not run again
 
 
+def test_a_trial_whose_worker_died_runs_again(tmp_path, fake_trainer, monkeypatch):
+    monkeypatch.setenv("FAKE_SECONDS_PER_EVAL", "0.2")
+    sweep_dir = tmp_path / "sweep"
+    args = ["--max_iters=40", "--space", "learning_rate=choice(1e-4,1e-3)", "--sampler=grid", "--pruner=none",
+            f"--sweep_dir={sweep_dir}"]
+    worker = sweep_process(args, fake_trainer, start_new_session=True)
+    deadline = time.time() + 120
+    while not (sweep_dir / "trial_0" / "metrics.jsonl").exists():
+        assert time.time() < deadline and worker.poll() is None, worker.communicate()
+        time.sleep(0.05)
+    os.killpg(worker.pid, signal.SIGKILL)  # the worker and its trainer, without a chance to record anything
+    worker.communicate()
+    storage = study_module.open_storage(f"sqlite:///{sweep_dir / 'study.db'}", heartbeat_s=1)
+    study = optuna.load_study(study_name="sweep", storage=storage, sampler=optuna.samplers.GridSampler(
+        {"learning_rate": [1e-4, 1e-3]}))
+    assert study.trials[0].state.name == "RUNNING"
+    time.sleep(3.5)  # two heartbeats of silence (the database clock counts whole seconds)
+    runner = sweep.Sweep(parse_space(["learning_rate=choice(1e-4,1e-3)"]), ["--max_iters=40"], sweep_dir,
+                         train_command=fake_trainer, poll_s=0.05)
+    sweep.run_sweep(study, runner, trials=2)
+    states = [(t.state.name, t.system_attrs.get("failed_trial")) for t in study.get_trials()]
+    assert states[0] == ("FAIL", None) and ("COMPLETE", 0) in states
+    assert sorted(t.params["learning_rate"] for t in finished(study)) == [1e-4, 1e-3]
+
+
 def test_a_study_continues_only_with_the_space_it_was_made_with(tmp_path, fake_trainer):
     args = ["--max_iters=10", "--trials=1", f"--sweep_dir={tmp_path / 's'}"]
     sweep.main([*args, "--space", "learning_rate=loguniform(1e-4,1e-2)"], train_command=fake_trainer)

@@ -277,6 +277,7 @@ def plot_sweep(study: optuna.Study, params: list[Param], curves_path: Path, para
     params.png: the val loss against each parameter (finished trials filled, pruned ones hollow, at the
     last val loss they reached)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
@@ -314,11 +315,14 @@ def plot_sweep(study: optuna.Study, params: list[Param], curves_path: Path, para
                 xs = [param.choices.index(x) for x in xs]
             filled = state == optuna.trial.TrialState.COMPLETE
             ax.scatter(xs, ys, marker=marker, facecolors="tab:blue" if filled else "none", edgecolors="tab:blue",
-                       label="finished" if filled else "pruned")
+                       label="finished" if filled else "pruned (its last eval)")
         if param.kind == "choice":
             ax.set_xticks(range(len(param.choices)), [str(c) for c in param.choices])
         elif param.log:
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.005, 0.01, 0.02...
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(param.key)
         ax.set_ylabel("val loss")
         ax.grid(alpha=0.3)
