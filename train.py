@@ -109,7 +109,9 @@ config = configure(globals(), given=given_keys)
 
 if consolidate:
     device_type = resolve_device(device).split(":")[0]
-    for path in ckpt.consolidate(out_dir, lambda model: optim.optimizer_for(model, config, device_type)):
+    # the optimizer the run saved (muon or adamw), not this command line's
+    for path in ckpt.consolidate(out_dir, lambda model, saved: optim.optimizer_for(model, {**config, **saved},
+                                                                                 device_type)):
         print(f"wrote {path}")
     raise SystemExit
 
@@ -178,7 +180,7 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 
 
 def make_optimizer(model: GPT) -> torch.optim.Optimizer:
-    return optim.optimizer_for(model, config, device_type)
+    return optim.optimizer_for(model, config, device_type, run_model.replica_group)
 
 
 opt = make_optimizer(raw_model)

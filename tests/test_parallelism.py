@@ -38,12 +38,10 @@ def test_impossible_layouts_are_clear_errors(world_size, tensor_parallel, pipeli
 @pytest.mark.parametrize("change, message", [
     (dict(config=GPTConfig(n_head=12, n_embd=768), tensor_parallel=8), "n_head=12 must be divisible"),
     (dict(device_type="mps"), "collective backend for 'mps'"),
-    (dict(optimizer="muon"), "use optimizer='adamw' with tensor_parallel"),
     (dict(dtype="float16"), "use dtype='bfloat16'"),
 ])
 def test_what_tensor_parallel_cannot_do_is_a_clear_error(change, message):
-    settings = dict(config=GPTConfig(n_head=4, n_embd=64), tensor_parallel=2, device_type="cpu", optimizer="adamw",
-                    dtype="float32") | change
+    settings = dict(config=GPTConfig(n_head=4, n_embd=64), tensor_parallel=2, device_type="cpu", dtype="float32") | change
     with pytest.raises(parallelism.LayoutError, match=message):
         parallelism.check_tensor_parallel(**settings)
     parallelism.check_tensor_parallel(**(settings | dict(tensor_parallel=1)))  # one rank: nothing to split

@@ -282,19 +282,3 @@ def test_gpt2_export_refuses_a_modern_model(tmp_path):
 
 def test_switch_names_are_config_fields():
     assert set(SWITCHES) <= set(GPTConfig.__dataclass_fields__)
-
-
-def test_muon_refuses_fsdp_sharded_parameters(tmp_path):
-    """torch.optim.Muon orthogonalizes whole matrices; FSDP gives each process a slice: a clear error."""
-    from torch.distributed.fsdp import fully_shard
-
-    torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(str(tmp_path / "store"), 1),
-                                         rank=0, world_size=1)
-    try:
-        model = tiny()
-        fully_shard(model)
-        with pytest.raises(ValueError, match="optimizer='muon' cannot run on FSDP's sharded parameters"):
-            optim.build_optimizer(model, "muon", 1e-3, 0.1, (0.9, 0.95), "cpu")
-        assert optim.build_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.95), "cpu") is not None
-    finally:
-        torch.distributed.destroy_process_group()

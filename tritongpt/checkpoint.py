@@ -424,9 +424,10 @@ def remove_latest(out_dir: str | Path) -> None:
     shutil.rmtree(out_dir / LATEST_SHARDED_DIR, ignore_errors=True)
 
 
-def consolidate(out_dir: str | Path, make_optimizer: Callable[[GPT], torch.optim.Optimizer]) -> list[Path]:
+def consolidate(out_dir: str | Path, make_optimizer: Callable[[GPT, dict], torch.optim.Optimizer]) -> list[Path]:
     """Sharded -> nanoGPT format: ckpt_dcp/ -> ckpt.pt (and ckpt_latest_dcp/ -> ckpt_latest.pt), by loading
-    the shards into one plain model and optimizer on the CPU. Returns the files written."""
+    the shards into one plain model and optimizer on the CPU; `make_optimizer(model, config)` builds the
+    optimizer the run used, from the config it saved. Returns the files written."""
     written = []
     for directory, file in ((SHARDED_DIR, CKPT_FILE), (LATEST_SHARDED_DIR, LATEST_FILE)):
         path = sharded_path(out_dir, directory)
@@ -434,7 +435,7 @@ def consolidate(out_dir: str | Path, make_optimizer: Callable[[GPT], torch.optim
             continue
         checkpoint = read_checkpoint(path, sharded=True)
         model = build_model(checkpoint, "sdpa", "torch", load_weights=False)
-        optimizer = make_optimizer(model)
+        optimizer = make_optimizer(model, checkpoint.state.get("config", {}))
         load_weights_into(checkpoint, model, optimizer)
         everything = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **checkpoint.state}
         with atomic_open(Path(out_dir) / file, size_hint=tensor_bytes(everything)) as f:

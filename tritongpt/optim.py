@@ -12,12 +12,16 @@ matrices. The schedule (warmup, cosine decay) scales both learning rates by the 
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.distributed.tensor
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 if TYPE_CHECKING:  # annotations only: model.py builds its optimizer with this module
     from model import GPT
@@ -65,36 +69,126 @@ def newton_schulz(update: torch.Tensor, dtype: torch.dtype, eps: float = 1e-7) -
 
 
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon, with the Newton-Schulz iterations in `ns_dtype`. In bfloat16 this is torch's own
-    step; in float32 (for CPUs) the same update rule, written out, with float32 iterations."""
+    """torch.optim.Muon's update rule, with the Newton-Schulz iterations in `ns_dtype` (bfloat16: torch's own
+    step, to the bit; float32 for CPUs), and shared among processes when the matrices are (orthogonalize):
+    DTensor parameters (FSDP2 shards, tensor-parallel slices) carry their mesh, and plain ones replicated by
+    DDP name their group as `replica_group`."""
 
-    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, replica_group: dist.ProcessGroup | None = None,
+                 **kwargs):
         super().__init__(params, **kwargs)
         self.ns_dtype = ns_dtype
+        self.replica_group = replica_group
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.ns_dtype == torch.bfloat16:
-            return super().step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
+            params = [param for param in group["params"] if param.grad is not None]
+            updates = []
+            for param in params:  # elementwise: each process on what it holds of each matrix
                 state = self.state[param]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 buf = state["momentum_buffer"]
                 buf.lerp_(param.grad, 1 - momentum)
-                update = param.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = newton_schulz(update, self.ns_dtype, group["eps"])
+                updates.append(param.grad.lerp(buf, momentum) if group["nesterov"] else buf)
+            orthogonal = orthogonalize(updates, self.ns_dtype, group["eps"], self.replica_group)
+            for param, update in zip(params, orthogonal):
                 param.mul_(1 - lr * group["weight_decay"])
-                param.add_(update.to(param.dtype), alpha=-lr * lr_ratio(group["adjust_lr_fn"], param.shape))
+                param.add_(update, alpha=-lr * lr_ratio(group["adjust_lr_fn"], param.shape))
         return loss
+
+
+# -----------------------------------------------------------------------------
+# Muon across processes: each matrix is gathered whole (DTensor's own redistribution), orthogonalized by one
+# process that holds it (its owner, chosen to balance the work), and sent back to every holder in the
+# parameter's own layout (a scatter for shards, a broadcast for replicas).
+
+
+def spread_of(tensor: torch.Tensor, replica_group: dist.ProcessGroup | None) -> DeviceMesh | dist.ProcessGroup | None:
+    """The processes a matrix is spread over: a DTensor's mesh, DDP's group for a plain replicated one, or
+    None (this process alone holds it)."""
+    if isinstance(tensor, DTensor):
+        return tensor.device_mesh
+    if replica_group is not None and dist.get_world_size(replica_group) > 1:
+        return replica_group
+    return None
+
+
+def owner_slots(spread: DeviceMesh | dist.ProcessGroup) -> tuple[int, int | None]:
+    """How many processes of a spread can own a matrix, and which of them this one is (None: it owns none).
+    distribute_tensor sends from coordinate k on every mesh dimension, so on a mesh the owners are the
+    processes at (k, k, ...); in a group, every process."""
+    if isinstance(spread, DeviceMesh):
+        coordinate = spread.get_coordinate()
+        return min(spread.shape), coordinate[0] if len(set(coordinate)) == 1 else None
+    return dist.get_world_size(spread), dist.get_rank(spread)
+
+
+def newton_schulz_cost(shape: torch.Size) -> int:
+    """Proportional to the iterations' multiply-adds: each multiplies the short side's Gram matrix."""
+    short, long = sorted(shape[:2])
+    return short * short * long
+
+
+def assign_owners(costs: list[int], slots: int) -> list[int]:
+    """Each matrix's owner, balancing the work: the costliest first, each to the least loaded so far (ties to
+    the lowest slot, so every process computes the same assignment)."""
+    loads, owners = [0] * slots, [0] * len(costs)
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owners[index] = min(range(slots), key=lambda slot: (loads[slot], slot))
+        loads[owners[index]] += costs[index]
+    return owners
+
+
+def orthogonalize(updates: list[torch.Tensor], ns_dtype: torch.dtype, eps: float,
+                  replica_group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:
+    """newton_schulz of each update, laid out like the update. A matrix spread over processes is orthogonalized
+    once, by its owner, in rounds of at most one matrix per owner: every process of the spread gathers the
+    round's matrices, each owner orthogonalizes its own while the others do theirs, then each result goes
+    back to every holder. A round holds one whole matrix per owner at a time, never the whole model."""
+    results: list[torch.Tensor | None] = [None] * len(updates)
+    by_spread: dict = {}
+    for index, update in enumerate(updates):
+        by_spread.setdefault(spread_of(update, replica_group), []).append(index)
+    for spread, indices in by_spread.items():
+        if spread is None:
+            for index in indices:
+                results[index] = newton_schulz(updates[index], ns_dtype, eps)
+            continue
+        slots, mine = owner_slots(spread)
+        owners = assign_owners([newton_schulz_cost(updates[i].shape) for i in indices], slots)
+        queues = [[i for i, owner in zip(indices, owners) if owner == slot] for slot in range(slots)]
+        for round_ in itertools.zip_longest(*queues):
+            chosen = [(index, slot) for slot, index in enumerate(round_) if index is not None]
+            whole = {index: gather(updates[index]) for index, _ in chosen}
+            # all of this round's work before any sending: an owner that sends first would keep the others
+            # waiting for it, and then wait for theirs, one after the other
+            mine_done = {index: newton_schulz(whole[index], ns_dtype, eps).contiguous()
+                         for index, slot in chosen if slot == mine}
+            for index, slot in chosen:
+                result = mine_done.get(index, torch.empty_like(whole[index], dtype=ns_dtype))
+                results[index] = send_from_owner(result, updates[index], spread, slot)
+    return results
+
+
+def gather(update: torch.Tensor) -> torch.Tensor:
+    """The whole matrix on every process that holds part of it (a replica already is whole)."""
+    return update.full_tensor() if isinstance(update, DTensor) else update
+
+
+def send_from_owner(result: torch.Tensor, like: torch.Tensor, spread: DeviceMesh | dist.ProcessGroup,
+                    slot: int) -> torch.Tensor:
+    """The owner's `result` (garbage elsewhere) to every holder, laid out as `like`."""
+    if isinstance(spread, DeviceMesh):
+        return distribute_tensor(result, spread, like.placements, src_data_rank=slot)
+    dist.broadcast(result, src=dist.get_global_rank(spread, slot), group=spread)
+    return result
 
 
 def lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
@@ -138,19 +232,22 @@ class MuonWithAdamW(torch.optim.Optimizer):
         return loss
 
 
-def optimizer_for(model: GPT, config: dict, device_type: str) -> torch.optim.Optimizer:
+def optimizer_for(model: GPT, config: dict, device_type: str,
+                  replica_group: dist.ProcessGroup | None = None) -> torch.optim.Optimizer:
     """build_optimizer with a run's config keys (train.py's: optimizer, learning_rate, weight_decay, beta1,
     beta2, muon_lr, muon_momentum)."""
     return build_optimizer(model, config["optimizer"], config["learning_rate"], config["weight_decay"],
-                           (config["beta1"], config["beta2"]), device_type, config["muon_lr"], config["muon_momentum"])
+                           (config["beta1"], config["beta2"]), device_type, config["muon_lr"], config["muon_momentum"],
+                           replica_group)
 
 
 def build_optimizer(model: GPT, optimizer: str, learning_rate: float, weight_decay: float,
                     betas: tuple[float, float], device_type: str, muon_lr: float = 0.02,
-                    muon_momentum: float = 0.95) -> torch.optim.Optimizer:
+                    muon_momentum: float = 0.95, replica_group: dist.ProcessGroup | None = None) -> torch.optim.Optimizer:
     """The run's optimizer. 'adamw': nanoGPT's, with weight decay on the matrices (2D+) only. 'muon': Muon
     (lr muon_lr, Nesterov momentum muon_momentum) for the 2D weights inside the blocks, AdamW for the
-    rest."""
+    rest. `replica_group`: the processes over which DDP replicates the plain parameters, which then share
+    Muon's work (sharded and tensor-parallel parameters are DTensors, which know their processes)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -161,17 +258,13 @@ def build_optimizer(model: GPT, optimizer: str, learning_rate: float, weight_dec
     if not hasattr(torch.optim, "Muon"):
         raise ValueError(f"optimizer='muon' needs torch.optim.Muon (PyTorch >= 2.9); this is torch {torch.__version__}: "
                          "upgrade PyTorch or use optimizer='adamw'")
-    if any(isinstance(p, torch.distributed.tensor.DTensor) for _, p in params):
-        raise ValueError("optimizer='muon' cannot run on FSDP's sharded parameters: torch.optim.Muon "
-                         "orthogonalizes whole matrices, and each process holds a slice of each. Use "
-                         "parallel='ddp' with muon, or optimizer='adamw' with fsdp")
     names = set(block_matrices(model))
     in_blocks = [p for name, p in params if name in names]
     chosen = {id(p) for p in in_blocks}
     rest = [p for _, p in params if id(p) not in chosen]
     ns_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32  # what the device multiplies fast
-    muon = Muon([{"params": in_blocks, "muon": True}], ns_dtype=ns_dtype, lr=muon_lr, momentum=muon_momentum,
-                weight_decay=weight_decay, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    muon = Muon([{"params": in_blocks, "muon": True}], ns_dtype=ns_dtype, replica_group=replica_group, lr=muon_lr,
+                momentum=muon_momentum, weight_decay=weight_decay, nesterov=True, adjust_lr_fn="match_rms_adamw")
     adamw_groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
                     {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     return MuonWithAdamW(muon, adamw(adamw_groups, learning_rate, betas, device_type))

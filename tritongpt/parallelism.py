@@ -85,8 +85,7 @@ def plan_layout(world_size: int, rank: int, tensor_parallel: int, pipeline_paral
     return Layout(world_size // model_parallel, pipeline_parallel, tensor_parallel, rank)
 
 
-def check_tensor_parallel(config: GPTConfig, tensor_parallel: int, device_type: str, optimizer: str,
-                          dtype: str = "float32") -> None:
+def check_tensor_parallel(config: GPTConfig, tensor_parallel: int, device_type: str, dtype: str = "float32") -> None:
     """Errors before any work starts: what tensor parallelism cannot split, or cannot run on."""
     if tensor_parallel == 1:
         return
@@ -104,9 +103,6 @@ def check_tensor_parallel(config: GPTConfig, tensor_parallel: int, device_type: 
         raise LayoutError("dtype='float16' needs loss scaling, and torch's GradScaler cannot unscale gradients that "
                           "are partly tensor-parallel shards; use dtype='bfloat16' (GPUs since Ampere) or "
                           "tensor_parallel=1")
-    if optimizer == "muon":
-        raise LayoutError("optimizer='muon' orthogonalizes whole matrices, and under tensor_parallel each rank holds "
-                          "a slice of each; use optimizer='adamw' with tensor_parallel, or tensor_parallel=1")
 
 
 def build_mesh(layout: Layout, device_type: str) -> DeviceMesh:

@@ -90,7 +90,7 @@ def load_checkpoint(start: Start, model: GPT, optimizer: torch.optim.Optimizer,
 def check_layout(model: GPT, config: dict, layout: Layout, accumulation: int, dtype: str, device_type: str) -> str:
     """Errors before any work starts for what the layout cannot run; returns the training loss's
     implementation for it (tensor and pipeline parallel runs take the loss of the lm_head's logits)."""
-    parallelism.check_tensor_parallel(model.config, layout.tensor, device_type, config["optimizer"], dtype)
+    parallelism.check_tensor_parallel(model.config, layout.tensor, device_type, dtype)
     pipeline.check_pipeline(model.config, layout, config["pipeline_schedule"], config["pipeline_stages_per_rank"],
                             accumulation, dtype)
     if layout.model_parallel == 1:
@@ -121,6 +121,8 @@ class Parallelized:
     sync_gradients: Callable[[bool], None] | None  # DDP's and FSDP's gradient reduction, on the last micro-step
     sharded: bool  # checkpoints in DCP's sharded form
     data_group: object  # the data-parallel process group evaluation gathers over, when it is not all ranks
+    replica_group: object = None  # the process group torch's DDP replicates the plain parameters over (Muon shares
+    #                              its work there; sharded and tensor-parallel parameters are DTensors that know theirs)
 
     def train_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    get_batch: Callable[[int], Batch], accumulation: int, grad_clip: float, autocast) -> torch.Tensor:
@@ -161,8 +163,10 @@ def parallelize(model: GPT, stages: list[torch.nn.Module], layout: Layout, confi
         pipe = wrapped = pipeline.Pipeline(raw_model, stages, layout, mesh, config["pipeline_schedule"], accumulation,
                                            device)
         log(pipeline.describe(config["pipeline_schedule"], layout, accumulation, len(stages), raw_model.config.n_layer))
+    replica_group = None
     if distributed and not fsdp_engine and layout.model_parallel == 1:
         wrapped = DDP(wrapped, device_ids=[local_rank] if device.type == "cuda" else None)
+        replica_group = torch.distributed.group.WORLD
     data_group = mesh["data"].get_group() if layout.data > 1 and layout.model_parallel > 1 else None
     return Parallelized(wrapped, raw_model, pipe, loop.gradient_sync_switch(wrapped, raw_model),
-                        fsdp or layout.model_parallel > 1, data_group)
+                        fsdp or layout.model_parallel > 1, data_group, replica_group)
