@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import can_run_on, cuda_required_error, interpreter_enabled, round_to
-from kernels.tuning import cross_entropy_configs, prune_cross_entropy_configs
+from kernels.tuning import cross_entropy_configs, launch, prune_cross_entropy_configs
 
 
 @triton.jit
@@ -80,10 +80,8 @@ def loss_and_logit_grads(logits: torch.Tensor, targets: torch.Tensor, losses: to
     (vocabulary tile, warps) pair to launch with instead of the tuned one."""
     args = (logits, logits.stride(0), targets, losses, inv_count, logits.size(1), ignore_index, cap)
     meta = dict(SOFTCAP=cap > 0, UPCAST=interpreter_enabled())
-    if config is None:
-        _ce_kernel[(logits.size(0),)](*args, **meta)
-    else:
-        _ce_kernel.fn[(logits.size(0),)](*args, **meta, BLOCK=config[0], num_warps=config[1])
+    forced = None if config is None else triton.Config({"BLOCK": config[0]}, num_warps=config[1])
+    launch(_ce_kernel, (logits.size(0),), forced, *args, **meta)
 
 
 class LinearCrossEntropy(torch.autograd.Function):

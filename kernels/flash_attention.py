@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from kernels.common import can_run_on, cuda_required_error, interpreter_enabled, round_to, tf32_operand
-from kernels.tuning import Tiles, attention_configs, attention_space, sequence_bucket, target_arch
+from kernels.tuning import (Tiles, attention_configs, attention_space, launch, sequence_bucket, target_arch,
+                            tiles_config)
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 128
@@ -444,17 +445,6 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
              mask=(rows[:, None] < T) & (offs_d[None, :] < D))
 
 
-@triton.jit
-def _dropout_mask_kernel(MASK, SEED, T, dropout_p, BLOCK: tl.constexpr):
-    seed = tl.load(SEED)
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    bh = tl.program_id(2)
-    keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p)
-    tl.store(MASK + (bh.to(tl.int64) * T + rows[:, None]) * T + cols[None, :], keep.to(tl.int8),
-             mask=(rows[:, None] < T) & (cols[None, :] < T))
-
-
 def _dot_precision(dtype):
     # Only fp32 tiles are affected: like torch's own matmuls they use TF32 only when torch allows it.
     if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
@@ -474,11 +464,7 @@ def _block_d(head_dim):
 
 def _launch(kernel, grid, tiles, held_name, streamed_name, *args, **meta):
     """Launch an autotuned kernel, or with `tiles` that tiling instead of the tuned one."""
-    if tiles is None:
-        kernel[grid](*args, **meta)
-    else:
-        kernel.fn[grid](*args, **meta, **{held_name: tiles.held, streamed_name: tiles.streamed},
-                        num_warps=tiles.warps, num_stages=tiles.stages)
+    launch(kernel, grid, None if tiles is None else tiles_config(tiles, held_name, streamed_name), *args, **meta)
 
 
 def _mask_meta(starts, window):
@@ -647,19 +633,6 @@ def flash_attention_supported(head_dim: int, dtype: torch.dtype, device: torch.d
     if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
         return False
     return dtype in _SUPPORTED_DTYPES and _MIN_HEAD_DIM <= head_dim <= _MAX_HEAD_DIM
-
-
-def dropout_mask(seed, B, H, T, dropout_p, device):
-    """Test-only: the (B, H, T, T) bool keep-mask that flash_attention(..., dropout_p, seed=seed) applies.
-
-    It runs the kernels' own random-number formula with different tiles, so tests can feed the exact
-    mask to attention_reference.
-    """
-    mask = torch.empty(B, H, T, T, dtype=torch.int8, device=device)
-    block = 16 if interpreter_enabled() else 64
-    _dropout_mask_kernel[(triton.cdiv(T, block), triton.cdiv(T, block), B * H)](
-        mask, _seed_tensor(seed, device), T, dropout_p, BLOCK=block)
-    return mask.view(torch.bool)
 
 
 def attention_reference(q, k, v, causal, softmax_scale=None, dropout_mask=None, dropout_p=0.0):

@@ -37,7 +37,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels.common import can_run_on, cuda_required_error
-from kernels.tuning import norm_configs, prune_norm_configs
+from kernels.tuning import launch, norm_configs, prune_norm_configs
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -226,10 +226,7 @@ def _block(n, max_block):
 
 def _launch(kernel, grid, warps, *args, **meta):
     """Launch an autotuned row kernel, or with `warps` that many warps instead of the tuned number."""
-    if warps is None:
-        kernel[grid](*args, **meta)
-    else:
-        kernel.fn[grid](*args, **meta, num_warps=warps)
+    launch(kernel, grid, None if warps is None else triton.Config({}, num_warps=warps), *args, **meta)
 
 
 @functools.lru_cache(maxsize=None)

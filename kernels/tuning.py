@@ -102,8 +102,12 @@ def attention_configs(kernels: tuple[str, ...], held_name: str, streamed_name: s
     else:
         cases = attention_space_cases()
         all_tiles = list(dict.fromkeys(tiles for kernel in kernels for tiles in cases[kernel]))
-    return [triton.Config({held_name: t.held, streamed_name: t.streamed}, num_warps=t.warps, num_stages=t.stages)
-            for t in all_tiles]
+    return [tiles_config(t, held_name, streamed_name) for t in all_tiles]
+
+
+def tiles_config(tiles: Tiles, held_name: str, streamed_name: str) -> triton.Config:
+    return triton.Config({held_name: tiles.held, streamed_name: tiles.streamed}, num_warps=tiles.warps,
+                         num_stages=tiles.stages)
 
 
 def config_tiles(config: triton.Config, held_name: str, streamed_name: str) -> Tiles:
@@ -120,6 +124,15 @@ def sequence_bucket(T: int) -> int:
 def target_arch() -> int:
     """Compute capability Triton compiles for, e.g. 90 for sm_90 (an H100)."""
     return triton.runtime.driver.active.get_current_target().arch
+
+
+def launch(kernel, grid, forced: triton.Config | None, *args, **meta) -> None:
+    """Launch an autotuned kernel with the configuration tuned for its key, or with `forced` instead (its
+    meta-parameters, warps and stages): how the tests run every configuration of a space."""
+    if forced is None:
+        kernel[grid](*args, **meta)
+    else:
+        kernel.fn[grid](*args, **meta, **forced.kwargs, num_warps=forced.num_warps, num_stages=forced.num_stages)
 
 
 # -----------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from conftest import KERNEL_DEVICE, REPO
-from kernels.flash_attention import dropout_mask, flash_attention
+from dropout_masks import dropout_mask
+from kernels.flash_attention import flash_attention
 from test_flash_attention import GPU_TILINGS, assert_flash_rule, assert_matches, forward_backward, randn
 
 DEVICE = KERNEL_DEVICE

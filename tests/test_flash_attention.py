@@ -23,8 +23,8 @@ from conftest import KERNEL_DEVICE
 import importlib
 
 from kernels import common, tuning
-from kernels.flash_attention import (_dropout_keep, attention_reference, dropout_mask, flash_attention,
-                                     flash_attention_supported)
+from dropout_masks import dropout_mask
+from kernels.flash_attention import _dropout_keep, attention_reference, flash_attention, flash_attention_supported
 
 DEVICE = KERNEL_DEVICE
 flash_module = importlib.import_module("kernels.flash_attention")  # the package exports a function of that name
