@@ -71,6 +71,12 @@ def _prune_dq(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _head(base, b, h, stride_b, stride_h):
+    """Where head h of batch b starts in a (B, H, ...) tensor; int64, as B*H*T*D can overflow int32."""
+    return base + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
 def _dropout_keep(seed, bh, rows, cols, T, dropout_p):
     """Keep-mask for the scores at (rows, cols) of head bh; rows and cols broadcast against each other."""
     # The counter is the score's global index, so the mask does not depend on how the work is tiled.
@@ -223,10 +229,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
     bh = b * H + h
     seed = tl.load(SEED) if DROPOUT else 0  # SEED is None without dropout
     # int64 offsets: b * stride_b alone can exceed 2^31 elements for large batches.
-    q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_ptr = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_ptr = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    o_ptr = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    q_ptr = _head(Q, b, h, stride_qb, stride_qh)
+    k_ptr = _head(K, b, h, stride_kb, stride_kh)
+    v_ptr = _head(V, b, h, stride_vb, stride_vh)
+    o_ptr = _head(O, b, h, stride_ob, stride_oh)
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(q_ptr, rows, offs_d, stride_qt, stride_qd, T, D, UPCAST, PRECISION)
@@ -266,9 +272,9 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_od,
     h, b = tl.program_id(1), tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
+    o = _load_tile(_head(O, b, h, stride_ob, stride_oh),
                    rows, offs_d, stride_ot, stride_od, T, D, True, "ieee")
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
+    do = _load_tile(_head(DO, b, h, stride_dob, stride_doh),
                     rows, offs_d, stride_dot, stride_dod, T, D, True, "ieee")
     tl.store(DELTA + (b * H + h).to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=rows < T)
 
@@ -327,16 +333,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA,
     h, b = tl.program_id(1), tl.program_id(2)
     bh = b * H + h
     seed = tl.load(SEED) if DROPOUT else 0  # SEED is None without dropout
-    q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    do_ptr = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    q_ptr = _head(Q, b, h, stride_qb, stride_qh)
+    do_ptr = _head(DO, b, h, stride_dob, stride_doh)
     lse_ptr = LSE + bh.to(tl.int64) * T
     delta_ptr = DELTA + bh.to(tl.int64) * T
     dq_ptr = DQ_ACC + bh.to(tl.int64) * T * D  # contiguous (B, H, T, D) fp32, read only with ATOMIC_DQ
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,
+    k = _load_tile(_head(K, b, h, stride_kb, stride_kh),
                    cols, offs_d, stride_kt, stride_kd, T, D, UPCAST, PRECISION)
-    v = _load_tile(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh,
+    v = _load_tile(_head(V, b, h, stride_vb, stride_vh),
                    cols, offs_d, stride_vt, stride_vd, T, D, UPCAST, PRECISION)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -413,13 +419,13 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
     h, b = tl.program_id(1), tl.program_id(2)
     bh = b * H + h
     seed = tl.load(SEED) if DROPOUT else 0  # SEED is None without dropout
-    k_ptr = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_ptr = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    k_ptr = _head(K, b, h, stride_kb, stride_kh)
+    v_ptr = _head(V, b, h, stride_vb, stride_vh)
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
+    q = _load_tile(_head(Q, b, h, stride_qb, stride_qh),
                    rows, offs_d, stride_qt, stride_qd, T, D, UPCAST, PRECISION)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
+    do = _load_tile(_head(DO, b, h, stride_dob, stride_doh),
                     rows, offs_d, stride_dot, stride_dod, T, D, UPCAST, PRECISION)
     lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
@@ -439,7 +445,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
     dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
                        rows, starts, window, split, end, bh, T, D, qk_scale, seed, dropout_p, keep_scale,
                        True, CAUSAL, DOCS, WINDOW, DROPOUT, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
-    tl.store(DQ + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    tl.store(_head(DQ, b, h, stride_gb, stride_gh)
              + rows[:, None] * stride_gt + offs_d[None, :] * stride_gd,
              round_to(dq * softmax_scale, DQ, UPCAST).to(DQ.dtype.element_ty),
              mask=(rows[:, None] < T) & (offs_d[None, :] < D))
