@@ -14,6 +14,7 @@ workers do so by themselves). docs/scaling.md has the layouts, nodes and checkpo
 functions in tritongpt/: run.py (the model at the start and in its layout), loop.py (the step, evaluation,
 early stopping), optim.py, data.py, checkpoint.py, distributed.py and metrics.py.
 """
+import functools
 import math
 import os
 import sys
@@ -21,12 +22,11 @@ import time
 
 import torch
 
-from model import GPT
 from tritongpt import checkpoint as ckpt
 from tritongpt import data, distributed, loop, metrics, optim, parallelism, run
 from tritongpt.configurator import (UserError, autocast, configure, error_boundary, resolve_compile, resolve_device,
                                     resolve_dtype)
-from tritongpt.data import TokenSplit, load_meta
+from tritongpt.data import load_meta
 from tritongpt.fileio import remove_stale_temp_files, writable_directory
 from tritongpt.impls import choose_impls
 
@@ -164,9 +164,7 @@ flops_per_sequence = model.flops_per_token() * model.config.block_size  # the wh
 model, stages = run.place(model, layout, config, device)
 # dropout differs per data rank; the ranks of a tensor group hold the same activations, so draw the same masks
 torch.manual_seed(seed + layout.data_rank)
-splits = {split: TokenSplit(data_dir, split, dataset, model.config.vocab_size) for split in ("train", "val")}
-for split in splits.values():
-    split.windows(block_size)  # a split too small for one window: now, not at the first eval
+splits = data.open_splits(data_dir, dataset, model.config.vocab_size, block_size)
 batches = data.Batches(splits, batch_size, block_size, device, seed)
 # the attention and norm implementations, chosen before compiling and sharding (under FSDP's engine the
 # residual stream, so the norms' input, is in the mixed-precision dtype)
@@ -179,17 +177,16 @@ raw_model = run_model.raw_model
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 
 
-def make_optimizer(model: GPT) -> torch.optim.Optimizer:
-    return optim.optimizer_for(model, config, device_type, run_model.replica_group)
-
-
+make_optimizer = functools.partial(optim.optimizer_for, config=config, device_type=device_type,
+                                   replica_group=run_model.replica_group)
 opt = make_optimizer(raw_model)
 run.load_checkpoint(start, raw_model, opt, make_optimizer, scaler, device, dist.rank, dist.world_size, layout)
 
-if wandb_log and master_process:
-    import wandb
-
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+run_log = metrics.RunLog(out_dir, tokens_per_iter, max_iters, master_process,
+                         functools.partial(metrics.mfu_per_gpu, flops_per_sequence, batch_size * accumulation,
+                                           peak_flops=metrics.gpu_peak_flops(device, dtype),
+                                           model_parallel=layout.model_parallel),
+                         dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None)
 
 
 def save_checkpoint(latest: bool) -> None:
@@ -209,19 +206,10 @@ def train_batch(micro_step: int) -> data.Batch:
     return batches.train(iter_num, layout.data_rank * accumulation + micro_step)
 
 
-def stop_diverged(what: str) -> None:
-    raise UserError(f"{what}: training diverged. Nothing more is saved, so the checkpoints in {out_dir} keep the "
-                    "last good weights; lower learning_rate, raise warmup_iters or set grad_clip, then continue with "
-                    "--init_from=resume (or, if this run started from that checkpoint, start again from an earlier "
-                    "one or from scratch).")
-
-
 # -----------------------------------------------------------------------------
 # training loop
 early_stopping = loop.EarlyStopping(early_stopping_patience, start.best_val_loss, start.evals_since_best)
 stop_signal = distributed.StopSignal().install()
-step_timer = metrics.StepTimer()
-peak_flops = metrics.gpu_peak_flops(device, dtype)
 stopped_by_signal = False
 start_iter = iter_num
 resumed_at = iter_num if init_from == "resume" else None
@@ -231,17 +219,9 @@ while True:
         lr = optim.get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
         losses = loop.estimate_loss(run_model.model, batches.eval, eval_iters, ctx, layout.data_rank, layout.data,
                                     run_model.data_group)
-        if master_process:
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if eval_only:
-                print(f"val perplexity {math.exp(losses['val']):.2f}")
-            metrics.log_metrics(out_dir, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                                          "lr": lr})
-            metrics.plot_losses(out_dir, tokens_per_iter)
-            if wandb_log:
-                wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+        run_log.eval(iter_num, losses, lr, perplexity=eval_only)
         if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
-            stop_diverged(f"the eval loss is {losses['val']} at step {iter_num}")
+            raise loop.diverged(f"the eval loss is {losses['val']} at step {iter_num}", out_dir)
         # the eval a resumed run starts with repeats the checkpoint's: it neither counts nor saves again
         if iter_num != resumed_at:
             improved = early_stopping.update(losses["val"])
@@ -266,18 +246,8 @@ while True:
     if iter_num % log_interval == 0 and master_process:
         lossf = loss.item()  # a CPU-GPU sync, so only at log points
         if not math.isfinite(lossf):
-            stop_diverged(f"the training loss is {lossf} at iter {iter_num}")
-        dt = time.time() - t0
-        step_timer.update(dt, metrics.mfu_per_gpu(flops_per_sequence, batch_size * accumulation, dt, peak_flops,
-                                                    layout.model_parallel))
-        tokens_per_s = tokens_per_iter / dt
-        mfu_text = "n/a" if step_timer.mfu is None else f"{step_timer.mfu * 100:.2f}%"
-        print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}, "
-              f"tok/s {tokens_per_s:,.0f}, eta {step_timer.eta(max_iters - iter_num - 1)}")
-        metrics.log_metrics(out_dir, {"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000,
-                                      "tokens_per_s": tokens_per_s, "mfu": step_timer.mfu})
-        if wandb_log:
-            wandb.log({"iter": iter_num, "train/loss_step": lossf, "tokens_per_s": tokens_per_s})
+            raise loop.diverged(f"the training loss is {lossf} at iter {iter_num}", out_dir)
+        run_log.step(iter_num, lossf, lr, time.time() - t0)
     iter_num += 1
 
     # SIGTERM/SIGINT: every rank stops after the same step and saves what it has

@@ -358,6 +358,15 @@ class TokenSplit:
         return x, y
 
 
+def open_splits(data_dir: str | Path, dataset: str, vocab_size: int, block_size: int) -> dict[str, TokenSplit]:
+    """The train and val splits of a dataset directory, each checked to hold one window of block_size + 1
+    tokens now rather than at the first eval."""
+    splits = {split: TokenSplit(data_dir, split, dataset, vocab_size) for split in ("train", "val")}
+    for split in splits.values():
+        split.windows(block_size)
+    return splits
+
+
 # -----------------------------------------------------------------------------
 # Which batch each micro-step sees
 

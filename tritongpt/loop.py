@@ -14,6 +14,7 @@ try:
 except ImportError:  # torch 2.5 has FSDP2 under its first name
     from torch.distributed._composable.fsdp import FSDPModule
 
+from tritongpt.configurator import UserError
 from tritongpt.data import Batch
 from tritongpt.optim import parameter_kind
 
@@ -151,3 +152,12 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.patience > 0 and self.evals_since_best >= self.patience
+
+
+def diverged(what: str, out_dir: str) -> UserError:
+    """The error that ends a run whose loss is no longer finite: nothing more is saved, so the checkpoints
+    keep the last good weights."""
+    return UserError(f"{what}: training diverged. Nothing more is saved, so the checkpoints in {out_dir} keep the "
+                     "last good weights; lower learning_rate, raise warmup_iters or set grad_clip, then continue with "
+                     "--init_from=resume (or, if this run started from that checkpoint, start again from an earlier "
+                     "one or from scratch).")

@@ -107,6 +107,49 @@ class StepTimer:
         return "measuring" if self.step_time is None else format_eta(steps_left * self.step_time)
 
 
+class RunLog:
+    """What a run reports at its evals and log steps: the console, out_dir/metrics.jsonl, out_dir/loss.png,
+    and Weights & Biases when `wandb_init` (wandb.init's arguments) is given. Only the master process
+    reports (`enabled`); `mfu(dt)` is a step's MFU, or None."""
+
+    def __init__(self, out_dir: str | Path, tokens_per_iter: int, max_iters: int, enabled: bool,
+                 mfu: Callable[[float], float | None], wandb_init: dict | None = None):
+        self.out_dir, self.tokens_per_iter, self.max_iters = out_dir, tokens_per_iter, max_iters
+        self.enabled, self.mfu = enabled, mfu
+        self.timer = StepTimer()
+        self.wandb = None
+        if enabled and wandb_init is not None:
+            import wandb
+
+            wandb.init(**wandb_init)
+            self.wandb = wandb
+
+    def eval(self, iter_num: int, losses: dict[str, float], lr: float, perplexity: bool = False) -> None:
+        if not self.enabled:
+            return
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if perplexity:
+            print(f"val perplexity {math.exp(losses['val']):.2f}")
+        log_metrics(self.out_dir, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
+        plot_losses(self.out_dir, self.tokens_per_iter)
+        if self.wandb is not None:
+            self.wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+
+    def step(self, iter_num: int, loss: float, lr: float, dt: float) -> None:
+        """A training step of dt seconds that ended with `loss`."""
+        if not self.enabled:
+            return
+        self.timer.update(dt, self.mfu(dt))
+        tokens_per_s = self.tokens_per_iter / dt
+        mfu_text = "n/a" if self.timer.mfu is None else f"{self.timer.mfu * 100:.2f}%"
+        print(f"iter {iter_num}: loss {loss:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}, "
+              f"tok/s {tokens_per_s:,.0f}, eta {self.timer.eta(self.max_iters - iter_num - 1)}")
+        log_metrics(self.out_dir, {"iter": iter_num, "loss": loss, "lr": lr, "ms": dt * 1000,
+                                   "tokens_per_s": tokens_per_s, "mfu": self.timer.mfu})
+        if self.wandb is not None:
+            self.wandb.log({"iter": iter_num, "train/loss_step": loss, "tokens_per_s": tokens_per_s})
+
+
 def log_metrics(out_dir: str | Path, record: dict) -> None:
     """Append one record to out_dir/metrics.jsonl. A line left torn by a killed run is ended first, so the
     record lands on a line of its own."""
