@@ -68,6 +68,14 @@ def newton_schulz(update: torch.Tensor, dtype: torch.dtype, eps: float = 1e-7) -
     return x.T if tall else x
 
 
+def closure_loss(closure) -> torch.Tensor | None:
+    """An optimizer step's closure, evaluated with gradients on (torch's convention), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Muon):
     """torch.optim.Muon's update rule, with the Newton-Schulz iterations in `ns_dtype` (bfloat16: torch's own
     step, to the bit; float32 for CPUs), and shared among processes when the matrices are (orthogonalize):
@@ -82,10 +90,7 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             params = [param for param in group["params"] if param.grad is not None]
@@ -223,10 +228,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self.muon.step()
         self.adamw.step()
         return loss
