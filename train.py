@@ -175,8 +175,6 @@ run_model = run.parallelize(model, stages, layout, config, dtype, compile, accum
 raw_model = run_model.raw_model
 # fp16 needs loss scaling to keep small gradients from underflowing; elsewhere the scaler is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-
-
 make_optimizer = functools.partial(optim.optimizer_for, config=config, device_type=device_type,
                                    replica_group=run_model.replica_group)
 opt = make_optimizer(raw_model)

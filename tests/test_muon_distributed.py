@@ -126,12 +126,14 @@ def test_fsdp_with_muon_matches_one_process_and_resumes_across_layouts(workdir, 
 
 
 @pytest.mark.extra
-@pytest.mark.parametrize("options", [[], ["--tensor_parallel=2"], ["--pipeline_parallel=2"]],
-                         ids=["ddp", "tensor", "pipeline"])
-def test_other_layouts_with_muon_match_one_process(workdir, muon_reference, options):
-    out = workdir / f"muon_{options[0][2:].split('=')[0] if options else 'ddp'}"
+@pytest.mark.parametrize("nproc, options", [(2, []), (2, ["--tensor_parallel=2"]), (2, ["--pipeline_parallel=2"]),
+                                            (4, ["--tensor_parallel=2"]), (4, ["--pipeline_parallel=2"])],
+                         ids=["ddp", "tensor", "pipeline", "data x tensor", "data x pipeline"])
+def test_other_layouts_with_muon_match_one_process(workdir, muon_reference, nproc, options):
+    """Under data x pipeline, each stage's matrices are replicated DTensors (FSDP's engine): a broadcast."""
+    out = workdir / f"muon_{nproc}_{options[0][2:].split('=')[0] if options else 'ddp'}"
     run_train(workdir, *COMMON, *MUON, *options, f"--out_dir={out.name}", "--max_iters=6",
-              launcher=standalone(2), env=ENV)
+              launcher=standalone(nproc), env=ENV)
     assert_losses_match(out, muon_reference)
     assert_same_weights(out / ("ckpt_dcp" if options else "ckpt.pt"), muon_reference / "ckpt6.pt")
 
