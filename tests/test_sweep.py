@@ -1,6 +1,7 @@
 """Hyperparameter sweeps (tritongpt/sweep.py, tritongpt/study.py): the space, the study's bookkeeping, and
 whole sweeps, most over a stand-in trainer (a few lines that write metrics.jsonl as train.py does) so that
 pruning, failures and interrupts are fast and exact, and one over real tiny trainings with two workers."""
+import importlib.util
 import itertools
 import json
 import os
@@ -130,6 +131,15 @@ def test_a_bad_space_on_the_command_line_ends_with_one_line(tmp_path):
     assert out.stderr.strip().splitlines() == [
         "error: unknown config key 'learning_rat' in --space 'learning_rat=loguniform(1e-4,1e-3)'; "
         "did you mean 'learning_rate'?"]
+
+
+@pytest.mark.parametrize("url, message", [("not a url", "It takes an SQLAlchemy URL"),
+                                          ("postgresql://user@localhost/db", "database driver is installed")])
+def test_a_storage_that_cannot_be_opened_is_a_clear_error(url, message):
+    if url.startswith("postgresql") and importlib.util.find_spec("psycopg2") is not None:
+        pytest.skip("psycopg2 is installed here: the driver is not missing")
+    with pytest.raises(UserError, match=message):
+        study_module.open_storage(url)
 
 
 def test_what_counts_towards_the_trials_budget():

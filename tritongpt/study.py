@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import sqlalchemy
 
-from tritongpt.configurator import (ConfigError, allowed_types, check_values, parse_value, script_config,
+from tritongpt.configurator import (ConfigError, UserError, allowed_types, check_values, parse_value, script_config,
                                     script_defaults, unknown_key_error)
 from tritongpt.fileio import atomic_open
 
@@ -129,11 +129,15 @@ def open_storage(url: str, heartbeat_s: int = 60) -> optuna.storages.RDBStorage:
             try:
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
                                                   grace_period=2 * heartbeat_s, heartbeat_stale_trial_callback=retry)
-            except sqlalchemy.exc.SQLAlchemyError:
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as error:
                 # workers started together race to create the database's tables: the losers find them made
                 if attempt == 4:
-                    raise
+                    raise UserError(f"could not open the study's storage {url}: {error}") from error
                 time.sleep(0.2 + random.random())
+            except (ImportError, sqlalchemy.exc.ArgumentError) as error:
+                raise UserError(f"--storage={url}: {error}. It takes an SQLAlchemy URL (sqlite:///path/study.db, "
+                                "postgresql://user:password@host/db, mysql+pymysql://user:password@host/db) whose "
+                                "database driver is installed (pip install psycopg2-binary, or pymysql)") from error
 
 
 def make_sampler(name: str, params: list[Param], startup_trials: int, seed: int | None) -> optuna.samplers.BaseSampler:
