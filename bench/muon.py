@@ -100,9 +100,7 @@ def check(config: GPTConfig, layout: str, out: Path, steps: int = 3) -> None:
         set_gradients(model, step, tensor_parallel)
         opt.step()
     optim.newton_schulz = newton_schulz
-    torch.manual_seed(0)  # the same steps in this process alone
-    alone = GPT(config)
-    alone_opt = optim.build_optimizer(alone, "muon", 1e-3, 0.1, (0.9, 0.95), "cpu", muon_lr=0.05, muon_momentum=0.9)
+    alone, alone_opt = build(config, "ddp_unshared", "muon", world)  # the same steps, nothing shared
     for step in range(steps):
         set_gradients(alone, step, 1)
         alone_opt.step()

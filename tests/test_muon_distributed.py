@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from test_distributed import COMMON, ENV, TORCHRUN, assert_losses_match, assert_same_weights, standalone, val_losses
+from test_distributed import COMMON, ENV, assert_losses_match, assert_same_weights, standalone, val_losses
 from test_train import run_train
 from tritongpt import optim
 from tritongpt.fileio import load_file
@@ -53,8 +53,7 @@ def test_alone_each_update_is_orthogonalized_in_place_of_itself():
 
 def run_worker(layout: str, nproc: int, tmp_path) -> list[dict]:
     out = tmp_path / layout
-    command = TORCHRUN + ["--standalone", f"--nproc_per_node={nproc}", str(REPO / "bench" / "muon.py"),
-                          f"--check={layout}", f"--check_out={out}"]
+    command = standalone(nproc) + [str(REPO / "bench" / "muon.py"), f"--check={layout}", f"--check_out={out}"]
     result = subprocess.run(command, cwd=REPO, env={**ENV, "PYTHONPATH": str(REPO)}, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import torch.distributed.tensor
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -48,7 +47,7 @@ def adamw(groups: list[dict], learning_rate: float, betas: tuple[float, float], 
 
 def parameter_kind(param: torch.Tensor) -> tuple:
     """Which tensors one fused/foreach call can take together: plain ones, or DTensors of one mesh."""
-    if isinstance(param, torch.distributed.tensor.DTensor):
+    if isinstance(param, DTensor):
         return (param.device_mesh,)  # meshes compare and hash by their ranks and dimension names
     return ()
 

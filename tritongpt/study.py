@@ -218,13 +218,11 @@ def format_value(value: object) -> str:
 # What the sweep found: a table, two plots, the best trial as a command
 
 
-STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
-
-
 def state_name(trial: optuna.trial.FrozenTrial) -> str:
-    if trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs.get("interrupted"):
-        return "interrupted"
-    return STATE_NAMES[trial.state.name]
+    """complete, pruned, failed, interrupted, running or waiting."""
+    if trial.state == optuna.trial.TrialState.FAIL:
+        return "interrupted" if trial.user_attrs.get("interrupted") else "failed"
+    return trial.state.name.lower()
 
 
 def last_val_loss(trial: optuna.trial.FrozenTrial) -> float | None:
@@ -310,7 +308,7 @@ def plot_sweep(study: optuna.Study, params: list[Param], curves_path: Path, para
 
     fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.5), layout="constrained", squeeze=False)
     for ax, param in zip(axes[0], params):
-        for state, marker in ((optuna.trial.TrialState.COMPLETE, "o"), (optuna.trial.TrialState.PRUNED, "o")):
+        for state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
             points = [(t.params[param.key], last_val_loss(t)) for t in trials if t.state == state and param.key in t.params]
             if not points:
                 continue
@@ -318,7 +316,7 @@ def plot_sweep(study: optuna.Study, params: list[Param], curves_path: Path, para
             if param.kind == "choice":
                 xs = [param.choices.index(x) for x in xs]
             filled = state == optuna.trial.TrialState.COMPLETE
-            ax.scatter(xs, ys, marker=marker, facecolors="tab:blue" if filled else "none", edgecolors="tab:blue",
+            ax.scatter(xs, ys, facecolors="tab:blue" if filled else "none", edgecolors="tab:blue",
                        label="finished" if filled else "pruned (its last eval)")
         if param.kind == "choice":
             ax.set_xticks(range(len(param.choices)), [str(c) for c in param.choices])

@@ -245,9 +245,7 @@ def main(argv: list[str] | None = None, train_command: tuple[str, ...] | None = 
             raise ConfigError(f"{sweep_dir} holds {leftovers[0].name} of an earlier sweep, and this study is new: "
                               "pass another --sweep_dir, or remove the old trials")
         queue_baseline(study, params, base, args.sampler)
-    sweep = Sweep(params, train_args, sweep_dir, args.objective)
-    if train_command is not None:
-        sweep.train_command = train_command
+    sweep = Sweep(params, train_args, sweep_dir, args.objective, train_command or Sweep.train_command)
 
     def report(study: optuna.Study) -> None:
         write_report(study, params, train_args, sweep_dir)
